@@ -1,0 +1,31 @@
+# The two commands of the README contract: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup clean lint bench-small
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test,experiments]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## make test: set up .venv and run the whole test suite (CPU).
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+## make demo: set up .venv and run the main job on the embedded corpus (CPU, < 10 minutes).
+demo: $(STAMP)
+	$(PY) -m experiments.demo
+
+bench-small: $(STAMP)
+	$(PY) -m experiments.bench_step --small
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
