@@ -1,0 +1,35 @@
+"""Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views.
+
+Kernels know nothing about optax or state; every one is jit-safe and batched over leading axes.
+"""
+
+from optax_ext.kernels.matricize import batch_shape as batch_shape
+from optax_ext.kernels.matricize import bucket_apply as bucket_apply
+from optax_ext.kernels.matricize import matricize as matricize
+from optax_ext.kernels.matricize import matrix_shape as matrix_shape
+from optax_ext.kernels.matricize import unmatricize as unmatricize
+from optax_ext.kernels.newton_schulz import HARD_CAP_COEFFS as HARD_CAP_COEFFS
+from optax_ext.kernels.newton_schulz import LIPSCHITZ_ORTHO_COEFFS as LIPSCHITZ_ORTHO_COEFFS
+from optax_ext.kernels.newton_schulz import MUON_BAND as MUON_BAND
+from optax_ext.kernels.newton_schulz import MUON_COEFFS as MUON_COEFFS
+from optax_ext.kernels.newton_schulz import POLAR_EXPRESS_BAND as POLAR_EXPRESS_BAND
+from optax_ext.kernels.newton_schulz import POLAR_EXPRESS_COEFFS as POLAR_EXPRESS_COEFFS
+from optax_ext.kernels.newton_schulz import ROOT_COEFFS as ROOT_COEFFS
+from optax_ext.kernels.newton_schulz import NewtonSchulz as NewtonSchulz
+from optax_ext.kernels.newton_schulz import PolarSVD as PolarSVD
+from optax_ext.kernels.newton_schulz import ShapeCoeffs as ShapeCoeffs
+from optax_ext.kernels.newton_schulz import newton_schulz as newton_schulz
+from optax_ext.kernels.newton_schulz import polar_svd as polar_svd
+from optax_ext.kernels.norms import frobenius_norm as frobenius_norm
+from optax_ext.kernels.norms import mean_square as mean_square
+from optax_ext.kernels.norms import rms as rms
+from optax_ext.kernels.norms import vector_norm as vector_norm
+from optax_ext.kernels.projections import FAN_IN as FAN_IN
+from optax_ext.kernels.projections import FAN_OUT as FAN_OUT
+from optax_ext.kernels.projections import RandomProjector as RandomProjector
+from optax_ext.kernels.projections import SVDProjector as SVDProjector
+from optax_ext.kernels.projections import project as project
+from optax_ext.kernels.projections import project_back as project_back
+from optax_ext.kernels.projections import projected_axis as projected_axis
+from optax_ext.kernels.projections import random_basis as random_basis
+from optax_ext.kernels.projections import svd_basis as svd_basis

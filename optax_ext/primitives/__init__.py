@@ -1,0 +1,1 @@
+"""Primitives: small optax GradientTransformations, one idea each."""
