@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,9 @@ class MatrixSpec:
         fan_out = tuple(_normalize_axis(a, ndim) for a in self.fan_out_axes)
         named = fan_in + fan_out
         if not fan_in or not fan_out:
-            raise ValueError(f"MatrixSpec needs at least one fan-in and one fan-out axis, got {self}")
+            raise ValueError(
+                f"MatrixSpec needs at least one fan-in and one fan-out axis, got {self}"
+            )
         if len(set(named)) != len(named):
             raise ValueError(f"MatrixSpec names an axis twice: {self}")
         batch = tuple(a for a in range(ndim) if a not in named)
@@ -57,7 +59,7 @@ def _normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-SpecLike = Union[MatrixSpec, Callable[[KeyPath, jax.Array], MatrixSpec], None]
+SpecLike = MatrixSpec | Callable[[KeyPath, jax.Array], MatrixSpec] | None
 """A single spec for every leaf, a function ``(path, leaf) -> MatrixSpec``, or None (default)."""
 
 
@@ -88,7 +90,7 @@ def is_masked(x: Any) -> bool:
 
 
 def leaves_with_path(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
-    """Flattens ``tree`` keeping None and MaskedNode as leaves; returns (path-leaf pairs, treedef)."""
+    """Flattens ``tree`` keeping None/MaskedNode as leaves; returns (path-leaf pairs, treedef)."""
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
 
 

@@ -128,8 +128,11 @@ def param_labels(
       >>> from optax_ext import labels
       >>> p = {"wte": {"embedding": jnp.zeros((10, 4))}, "mlp": {"kernel": jnp.zeros((4, 8)),
       ...      "bias": jnp.zeros(8)}, "lm_head": {"kernel": jnp.zeros((4, 10))}}
-      >>> labels.param_labels(p)
-      {'lm_head': {'kernel': 'head'}, 'mlp': {'bias': 'vector', 'kernel': 'hidden'}, 'wte': {'embedding': 'embed'}}
+      >>> lab = labels.param_labels(p)
+      >>> lab["wte"]["embedding"], lab["lm_head"]["kernel"]
+      ('embed', 'head')
+      >>> lab["mlp"]["kernel"], lab["mlp"]["bias"]
+      ('hidden', 'vector')
     """
     if overrides:
         rule = dataclasses.replace(rule, overrides=tuple(overrides.items()) + rule.overrides)
@@ -161,5 +164,5 @@ def label_fn(
 
 
 def matrix_specs(rule: LabelRule = DEFAULT_RULE) -> Callable[[KeyPath, Any], MatrixSpec]:
-    """The ``specs`` argument for matrix primitives that follows ``rule`` (``(path, leaf) -> spec``)."""
+    """The ``specs`` argument of matrix primitives following ``rule``: ``(path, leaf) -> spec``."""
     return rule.matrix_spec

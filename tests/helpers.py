@@ -84,7 +84,7 @@ def golden_keys(arrays: Mapping[str, np.ndarray], run: str) -> list[str]:
 
 
 def torch_to_flax(x: np.ndarray, *, matrix_ndim: int = 2) -> np.ndarray:
-    """Maps a PyTorch ``(out, in)`` matrix (or a ``(T, out, in)`` sequence) to flax ``(in, out)``."""
+    """Maps a PyTorch ``(out, in)`` matrix (or ``(T, out, in)`` sequence) to flax ``(in, out)``."""
     return np.swapaxes(x, -1, -2) if x.ndim >= matrix_ndim else x
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +43,7 @@ modded-nanogpt; use with ``norm_scale=1.02, eps=1e-6``. Singular values with ``s
 ``[1e-3, 1]`` land in ``[0.84, 1.15]`` after the 5 steps (:data:`POLAR_EXPRESS_BAND`)."""
 
 POLAR_EXPRESS_BAND = ((1e-3, 1.0), (0.84, 1.15))
-"""(input range of ``s / ||X||_F``, output range of singular values) for the 5 Polar Express steps."""
+"""(input range of ``s / ||X||_F``, output range of singular values), 5 Polar Express steps."""
 
 LIPSCHITZ_ORTHO_COEFFS: tuple[Triple, ...] = tuple(
     (a / 1024, b / 1024, c / 1024)
@@ -105,7 +104,7 @@ ROOT_COEFFS = ShapeCoeffs(
 )
 """The shape table released with ROOT (noah-research ``ROOT/examples/example_train.py``)."""
 
-Coeffs = Union[Triple, Sequence[Triple], ShapeCoeffs]
+Coeffs = Triple | Sequence[Triple] | ShapeCoeffs
 
 
 def _per_step(coeffs: Coeffs, steps: int, m: int, n: int) -> tuple[Triple, ...]:

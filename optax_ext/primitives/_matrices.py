@@ -74,18 +74,22 @@ class MatrixLeaves:
 
     def restore(self, mats: Sequence[jax.Array], like: Any | None = None) -> Any:
         """Builds a param-shaped tree from views; masked positions come from ``like`` (or None)."""
-        flat = list(self.treedef.flatten_up_to(like)) if like is not None else [
-            leaf for _, leaf in self.pairs
-        ]
+        flat = (
+            list(self.treedef.flatten_up_to(like))
+            if like is not None
+            else [leaf for _, leaf in self.pairs]
+        )
         for k, i in enumerate(self.active):
             flat[i] = unmatricize(mats[k], shape=self.shapes[k], spec=self.specs[k])
         return self.treedef.unflatten(flat)
 
     def stored(self, arrays: Sequence[jax.Array], like: Any | None = None) -> Any:
         """A tree of per-leaf state arrays kept as ``(*batch, p, q)``, from ``(b, p, q)`` arrays."""
-        flat = list(self.treedef.flatten_up_to(like)) if like is not None else [
-            leaf for _, leaf in self.pairs
-        ]
+        flat = (
+            list(self.treedef.flatten_up_to(like))
+            if like is not None
+            else [leaf for _, leaf in self.pairs]
+        )
         for k, i in enumerate(self.active):
             a = arrays[k]
             flat[i] = a.reshape(*batch_shape(self.shapes[k], self.specs[k]), *a.shape[1:])
@@ -100,9 +104,7 @@ class MatrixLeaves:
         return out
 
 
-def map_matrices(
-    fn: Callable[[jax.Array], jax.Array], tree: Any, specs: SpecLike, who: str
-) -> Any:
+def map_matrices(fn: Callable[[jax.Array], jax.Array], tree: Any, specs: SpecLike, who: str) -> Any:
     """Applies a batched matrix kernel to every matrix leaf, once per same-shape bucket."""
     leaves = MatrixLeaves(tree, specs, who)
     outs = bucket_apply(fn, [(v,) for v in leaves.views(tree)])

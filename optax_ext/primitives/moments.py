@@ -130,7 +130,9 @@ def scale_by_adam(
       [1.0, -1.0]
     """
     if bias_correction not in BIAS_CORRECTIONS:
-        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}")
+        raise ValueError(
+            f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"
+        )
     mu_dtype = canonicalize_dtype(mu_dtype)
     nu_dtype = canonicalize_dtype(nu_dtype)
 

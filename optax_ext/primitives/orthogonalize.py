@@ -100,7 +100,7 @@ SHAPE_RULES: dict[str, Callable[[int, int], float]] = {
 
 
 def shape_factor(rule: str, fan_in: int, fan_out: int) -> float:
-    """The factor that ``rule`` (a key of :data:`SHAPE_RULES`) gives an ``fan_in x fan_out`` matrix."""
+    """The factor ``rule`` (a key of :data:`SHAPE_RULES`) gives a ``fan_in x fan_out`` matrix."""
     if rule not in SHAPE_RULES:
         raise ValueError(f"unknown shape rule {rule!r}; expected one of {sorted(SHAPE_RULES)}")
     return SHAPE_RULES[rule](fan_in, fan_out)

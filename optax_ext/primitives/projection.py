@@ -17,7 +17,7 @@ from optax_ext.primitives._matrices import MatrixLeaves
 
 
 class Projector(Protocol):
-    """What :func:`project_low_rank` needs of a projector (see ``SVDProjector``, ``RandomProjector``).
+    """What :func:`project_low_rank` needs of a projector (``SVDProjector``, ``RandomProjector``).
 
     A user-supplied projector (e.g. one replaying recorded bases in a test) implements these
     three methods and an ``update_every`` attribute.

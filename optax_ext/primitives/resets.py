@@ -77,9 +77,7 @@ def momentum_reset(
         period = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
         reset = (jnp.asarray(every) > 0) & (t % period == 0)
         zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
-        inner_state, _ = map_fields(
-            state.inner_state, fields, lambda _, v: jax.tree.map(zero, v)
-        )
+        inner_state, _ = map_fields(state.inner_state, fields, lambda _, v: jax.tree.map(zero, v))
         updates, inner_state = inner.update(updates, inner_state, params)
         return updates, MomentumResetState(
             count=optax.safe_increment(state.count), inner_state=inner_state

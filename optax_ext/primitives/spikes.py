@@ -92,6 +92,8 @@ def clip_spikes(
 
         updates = jax.tree.map(clip, updates, nu)
         updates, inner_state = inner.update(updates, state.inner_state, params)
-        return updates, ClipSpikesState(count=optax.safe_increment(state.count), inner_state=inner_state)
+        return updates, ClipSpikesState(
+            count=optax.safe_increment(state.count), inner_state=inner_state
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
 from helpers import tol
+from hypothesis import given
 
 from optax_ext.kernels import (
     MUON_BAND,
@@ -136,10 +136,14 @@ def test_coefficient_validation():
 
 
 def test_shape_table_is_orientation_free():
-    assert ROOT_COEFFS.lookup(3072, 2048) == ROOT_COEFFS.lookup(2048, 3072) == (
-        3.4509,
-        -4.5790,
-        1.9325,
+    assert (
+        ROOT_COEFFS.lookup(3072, 2048)
+        == ROOT_COEFFS.lookup(2048, 3072)
+        == (
+            3.4509,
+            -4.5790,
+            1.9325,
+        )
     )
     assert ROOT_COEFFS.lookup(64, 24) == MUON_COEFFS
 

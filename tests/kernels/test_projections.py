@@ -43,7 +43,9 @@ def test_svd_basis_orthonormal_top_singular_vectors(jit, shape, rank, seed):
         d = shape[axis]
         assert q.shape == (shape[0], d, min(rank, min(shape[1:])))
         gram = jnp.swapaxes(q, -1, -2) @ q
-        np.testing.assert_allclose(gram, np.broadcast_to(np.eye(q.shape[-1]), gram.shape), atol=1e-5)
+        np.testing.assert_allclose(
+            gram, np.broadcast_to(np.eye(q.shape[-1]), gram.shape), atol=1e-5
+        )
         u, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
         ref = u if axis == FAN_IN else np.swapaxes(vt, -1, -2)
         overlap = np.abs(np.swapaxes(ref[..., : q.shape[-1]], -1, -2) @ np.asarray(q))

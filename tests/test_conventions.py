@@ -1,0 +1,196 @@
+"""optax conventions, checked on every registered recipe (tests/registry.py).
+
+Compiled steps are cached per (recipe, dtype) so the checks that can share one compilation do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from helpers import quadratic_loss, quadratic_target, small_params
+from registry import RECIPES, Entry
+
+IDS = [e.name for e in RECIPES]
+BY_NAME = {e.name: e for e in RECIPES}
+
+
+def _extra(entry: Entry, step, params, grads):
+    return entry.extra_args(step, params, grads) if entry.extra_args else {}
+
+
+@functools.cache
+def compiled(name: str, dtype: str = "float32"):
+    """(tx, params, target, jitted step) for a recipe; one compilation shared by several checks."""
+    entry = BY_NAME[name]
+    params = small_params(jnp.dtype(dtype))
+    target = quadratic_target(params)
+    tx = entry.factory(**entry.kwargs)
+
+    @jax.jit
+    def step(params, state, grads, extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, updates
+
+    return tx, params, target, step
+
+
+def grads_at(params, target):
+    return jax.grad(quadratic_loss)(params, target)
+
+
+def run_steps(name, n, dtype="float32", zero=False):
+    entry = BY_NAME[name]
+    tx, params, target, step = compiled(name, dtype)
+    state = jax.jit(tx.init)(params)
+    updates = None
+    for t in range(n):
+        g = grads_at(params, target)
+        if zero:
+            g = jax.tree.map(jnp.zeros_like, g)
+        params, state, updates = step(params, state, g, _extra(entry, t, params, g))
+    return params, state, updates
+
+
+def assert_same_structure_and_dtypes(a, b):
+    chex.assert_trees_all_equal_structs(a, b)
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_jit_init_update_and_state_stable(name):
+    tx, params, _, _ = compiled(name)
+    state0 = jax.jit(tx.init)(params)
+    _, state, updates = run_steps(name, 2)
+    assert_same_structure_and_dtypes(state0, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_no_recompilation_on_later_steps(name):
+    _, _, _, step = compiled(name)
+    run_steps(name, 1)
+    size = step._cache_size()
+    run_steps(name, 3)
+    assert step._cache_size() == size
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_descends_on_a_quadratic(name):
+    entry = BY_NAME[name]
+    _, params0, target, _ = compiled(name)
+    params, _, _ = run_steps(name, entry.descent_steps)
+    assert float(quadratic_loss(params, target)) < 0.9 * float(quadratic_loss(params0, target))
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_zero_gradients_stay_finite(name):
+    params, state, updates = run_steps(name, 3, zero=True)
+    chex.assert_tree_all_finite((params, updates))
+    chex.assert_tree_all_finite(
+        jax.tree.map(
+            lambda x: x.astype(jnp.float32),
+            [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)],
+        )
+    )
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_bf16_params(name):
+    params, state, updates = run_steps(name, 2, dtype="bfloat16")
+    tx, params0, _, _ = compiled(name, "bfloat16")
+    for u in jax.tree.leaves(updates):
+        assert u.dtype == jnp.bfloat16
+    chex.assert_tree_all_finite(updates)
+    assert_same_structure_and_dtypes(jax.jit(tx.init)(params0), state)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_unknown_extra_args_are_ignored(name):
+    entry = BY_NAME[name]
+    tx, params, target, _ = compiled(name)
+    tx = optax.with_extra_args_support(tx)
+    g = grads_at(params, target)
+    extra = {**_extra(entry, 0, params, g), "unrelated_extra_arg": jnp.ones(3)}
+    updates, _ = jax.jit(tx.update)(g, tx.init(params), params, **extra)
+    chex.assert_tree_all_finite(updates)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_inject_hyperparams_without_static_args(name):
+    entry = BY_NAME[name]
+    tx = optax.inject_hyperparams(entry.factory)(**entry.kwargs)
+    _, params, target, _ = compiled(name)
+    state = tx.init(params)
+    assert "learning_rate" in state.hyperparams
+    g = grads_at(params, target)
+    update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
+    u, state = update(g, state, params, _extra(entry, 0, params, g))
+    chex.assert_tree_all_finite(u)
+    zero_lr = {
+        k: (jnp.zeros_like(v) if "learning_rate" in k else v) for k, v in state.hyperparams.items()
+    }
+    state = state._replace(hyperparams=zero_lr)
+    u, _ = update(g, state, params, _extra(entry, 1, params, g))
+    for leaf in jax.tree.leaves(u):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_multisteps_accumulates(name):
+    entry = BY_NAME[name]
+    tx = optax.MultiSteps(entry.factory(**entry.kwargs), every_k_schedule=2)
+    _, params, target, _ = compiled(name)
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
+    g = grads_at(params, target)
+    u1, state = update(g, state, params, _extra(entry, 0, params, g))
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u1))
+    u2, state = update(g, state, params, _extra(entry, 1, params, g))
+    chex.assert_tree_all_finite(u2)
+    assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(u2))
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_state_survives_lax_cond(name):
+    entry = BY_NAME[name]
+    tx, params, target, _ = compiled(name)
+    g = grads_at(params, target)
+    extra = _extra(entry, 0, params, g)
+
+    @jax.jit
+    def maybe_step(pred, state):
+        return jax.lax.cond(pred, lambda s: tx.update(g, s, params, **extra)[1], lambda s: s, state)
+
+    state = tx.init(params)
+    stepped = maybe_step(True, state)
+    kept = maybe_step(False, state)
+    assert_same_structure_and_dtypes(stepped, state)
+    chex.assert_trees_all_equal(kept, state)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_orbax_round_trip(name, tmp_path):
+    entry = BY_NAME[name]
+    params, state, _ = run_steps(name, 2)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(
+        tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    )
+    chex.assert_trees_all_equal(restored, state)
+    assert_same_structure_and_dtypes(restored, state)
+    tx, _, target, step = compiled(name)
+    g = grads_at(params, target)
+    e = _extra(entry, 2, params, g)
+    a = step(params, state, g, e)
+    b = step(params, restored, g, e)
+    chex.assert_trees_all_equal(a, b)
