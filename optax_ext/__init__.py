@@ -38,4 +38,18 @@ from optax_ext.primitives.weight_decay import (
     add_decoupled_weight_decay as add_decoupled_weight_decay,
 )
 
+# Recipes: orthogonalized momentum (Muon family).
+
+# Recipes: low-rank and rotated projections (GaLore family, Conda).
+
+# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
+
+# Recipes: Adam family, sign methods and schedules.
+
+# Recipes: second order (Hessian estimates).
+
+# State compression (block-wise quantized states).
+
+# Communication compression and weight constraints.
+
 __version__ = "0.1.0"

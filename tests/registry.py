@@ -104,4 +104,11 @@ PRIMITIVE_CHAINS = [
 
 RECIPES: list[Entry] = [
     *PRIMITIVE_CHAINS,
+    # Muon family.
+    # GaLore family and Conda.
+    # SOAP, COSMOS.
+    # Adam family, sign methods.
+    # Second order.
+    # State compression.
+    # Communication compression and constraints.
 ]

@@ -1,0 +1,71 @@
+"""Pieces every recipe shares: the AdamW that papers use for non-matrix parameters, the split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from optax_ext import labels
+from optax_ext.primitives.moments import scale_by_adam
+from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    bias_correction: str = "standard",
+    decay_after_update: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """AdamW in the variant a reference code uses for the parameters its method does not cover.
+
+    Args:
+      learning_rate: ``lr`` (scalar or schedule).
+      b1, b2, eps: Adam's constants.
+      weight_decay: decoupled decay ``wd`` (``W <- W (1 - lr wd)``).
+      bias_correction: ``"standard"`` (torch/optax: ``m_hat / (sqrt(v_hat) + eps)``), ``"hf"``
+        (HF AdamW: ``eps`` on the uncorrected ``sqrt(v)``) or ``"none"``;
+        see :func:`optax_ext.scale_by_adam`.
+      decay_after_update: decay the updated weights (HF AdamW, GaLore/Conda family) instead of the
+        current ones (torch AdamW, Muon's auxiliary Adam).
+      mu_dtype: dtype of the first moment.
+
+    Returns:
+      ``chain(scale_by_adam, [decay], scale_by_learning_rate, [decay])``.
+    """
+    moments = scale_by_adam(b1, b2, eps, bias_correction=bias_correction, mu_dtype=mu_dtype)
+    if decay_after_update:
+        return optax.chain(
+            moments,
+            optax.scale_by_learning_rate(learning_rate),
+            add_decoupled_weight_decay(weight_decay, learning_rate, after_update=True),
+        )
+    return optax.chain(
+        moments,
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def hidden_and_other(
+    hidden: optax.GradientTransformation,
+    other: optax.GradientTransformation,
+    param_labels: Any | Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformation:
+    """``optax.partition`` of hidden matrices (the method) and everything else (its fallback).
+
+    Args:
+      hidden: transformation for leaves labelled ``"hidden"``.
+      other: transformation for the rest (embeddings, head, vectors).
+      param_labels: a labels tree or ``params -> labels`` function with values ``"hidden"`` and
+        ``"other"``; default :func:`optax_ext.labels.hidden_matrices`.
+    """
+    return optax.partition(
+        {"hidden": hidden, "other": other}, param_labels or labels.hidden_matrices
+    )
