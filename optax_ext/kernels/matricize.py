@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_ext._types import MatrixSpec
+from optax_ext.kernels import sharding
 
 
 def _permutation(ndim: int, spec: MatrixSpec) -> tuple[list[int], tuple[int, ...]]:
@@ -99,6 +100,13 @@ def bucket_apply(
     concatenated along axis 0, ``fn(*stacked)`` is called once, and its outputs (one array or a
     tuple of arrays, each with the same leading length as the inputs) are split back per item.
 
+    Under a device mesh (inputs whose type carries a sharding on a mesh of more than one
+    device, explicit or automatic axes), each stacked bucket is laid out "owner computes": its
+    matrices are spread whole over all devices (padded with zero matrices to a multiple of the
+    device count), ``fn`` runs without communication, and the result is laid out back like the
+    input (outputs of another shape are replicated). That costs one all-to-all each way per
+    bucket, independent of what ``fn`` does (e.g. the number of Newton-Schulz steps).
+
     Args:
       fn: ``(*arrays) -> array | tuple[array, ...]``, batched over the leading axis.
       items: one tuple of arrays per leaf, e.g. ``[(matricize(g1),), (matricize(g2),)]``.
@@ -123,22 +131,49 @@ def bucket_apply(
         buckets.setdefault(key, []).append(i)
     results: list[Any] = [None] * len(items)
     for members in buckets.values():
-        if len(members) == 1:
-            results[members[0]] = call(members[0], *items[members[0]])
-            continue
-        sizes = [items[i][0].shape[0] for i in members]
-        stacked = [
-            jnp.concatenate([items[i][j] for i in members], axis=0)
-            for j in range(len(items[members[0]]))
-        ]
-        out = call(members[0], *stacked)
-        splits = np.cumsum(sizes)[:-1].tolist()
-        if isinstance(out, tuple):
-            parts = [jnp.split(o, splits, axis=0) for o in out]
-            for k, i in enumerate(members):
-                results[i] = tuple(p[k] for p in parts)
-        else:
-            parts = jnp.split(out, splits, axis=0)
-            for k, i in enumerate(members):
-                results[i] = parts[k]
+        for i, out in zip(members, _run_bucket(call, items, members)):
+            results[i] = out
     return results
+
+
+def _run_bucket(call: Callable[..., Any], items: Sequence[tuple[jax.Array, ...]], members):
+    """Stacks the items of one bucket, calls the kernel once, and splits the outputs."""
+    first = items[members[0]]
+    mesh = sharding.mesh_of(first[0])
+    if len(members) == 1 and mesh is None:
+        return [call(members[0], *first)]
+    sizes = [items[i][0].shape[0] for i in members]
+    stacked = []
+    for j in range(len(first)):
+        parts = [items[i][j] for i in members]
+        if mesh is not None:
+            parts = [sharding.match(p, parts[0]) for p in parts]
+        stacked.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0))
+    if mesh is None:
+        out = call(members[0], *stacked)
+    else:
+        # Owner computes: whole matrices of the stacked bucket are spread over the devices
+        # (one exchange in, one out), so the kernel itself runs without collectives.
+        owned = [sharding.to_owner_layout(a, mesh) for a in stacked]
+        out = call(members[0], *owned)
+        total = sum(sizes)
+        if isinstance(out, tuple):
+            out = tuple(sharding.from_owner_layout(o, total, stacked[0]) for o in out)
+        else:
+            out = sharding.from_owner_layout(out, total, stacked[0])
+    splits = np.cumsum(sizes)[:-1].tolist()
+
+    def split(o: jax.Array) -> list[jax.Array]:
+        parts = jnp.split(o, splits, axis=0) if len(members) > 1 else [o]
+        if mesh is None or len(members) == 1:
+            return parts
+        # each item back in its own layout
+        return [
+            sharding.match(p, items[i][0]) if p.shape == items[i][0].shape else p
+            for p, i in zip(parts, members)
+        ]
+
+    if isinstance(out, tuple):
+        per_output = [split(o) for o in out]
+        return [tuple(p[k] for p in per_output) for k in range(len(members))]
+    return split(out)
