@@ -43,7 +43,8 @@ def momentum_reset(
       fields: state fields to zero. Default ``("mu", "nu")``; Stable-SPAM adds ``"count"``.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`MomentumResetState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra arguments of ``update`` are forwarded
+      to ``inner``) with :class:`MomentumResetState`.
 
     Raises:
       ValueError: in ``init`` if ``inner``'s state has none of the named fields.
@@ -72,15 +73,17 @@ def momentum_reset(
             )
         return MomentumResetState(count=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
-    def update_fn(updates, state, params=None):
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
         t = state.count + 1
         period = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
         reset = (jnp.asarray(every) > 0) & (t % period == 0)
         zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
         inner_state, _ = map_fields(state.inner_state, fields, lambda _, v: jax.tree.map(zero, v))
-        updates, inner_state = inner.update(updates, inner_state, params)
+        updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
         return updates, MomentumResetState(
             count=optax.safe_increment(state.count), inner_state=inner_state
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

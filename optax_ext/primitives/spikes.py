@@ -47,7 +47,8 @@ def clip_spikes(
       nu_field: name of the second-moment field in ``inner``'s state. Default ``"nu"``.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`ClipSpikesState`.
+      An ``optax.GradientTransformationExtraArgs`` (extra arguments of ``update`` are forwarded
+      to ``inner``) with :class:`ClipSpikesState`.
 
     References:
       Huang et al., 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training",
@@ -77,7 +78,9 @@ def clip_spikes(
         get_field(inner_state, nu_field, "clip_spikes")
         return ClipSpikesState(count=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
-    def update_fn(updates, state, params=None):
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
         nu = get_field(state.inner_state, nu_field, "clip_spikes")
         t = state.count + 1
         period = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
@@ -91,9 +94,9 @@ def clip_spikes(
             return jnp.where(spike, jnp.sign(g32) * jnp.sqrt(bound2), g32).astype(g.dtype)
 
         updates = jax.tree.map(clip, updates, nu)
-        updates, inner_state = inner.update(updates, state.inner_state, params)
+        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         return updates, ClipSpikesState(
             count=optax.safe_increment(state.count), inner_state=inner_state
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
