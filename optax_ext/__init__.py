@@ -20,7 +20,10 @@ from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
 from optax_ext.primitives.moments import momentum as momentum
 from optax_ext.primitives.moments import scale_by_adam as scale_by_adam
 from optax_ext.primitives.normalize import ColumnNormalizeState as ColumnNormalizeState
+from optax_ext.primitives.normalize import ScaleByNeuronNormState as ScaleByNeuronNormState
 from optax_ext.primitives.normalize import column_normalize as column_normalize
+from optax_ext.primitives.normalize import scale_by_cosh_rms as scale_by_cosh_rms
+from optax_ext.primitives.normalize import scale_by_neuron_norm as scale_by_neuron_norm
 from optax_ext.primitives.orthogonalize import SHAPE_RULES as SHAPE_RULES
 from optax_ext.primitives.orthogonalize import orthogonalize as orthogonalize
 from optax_ext.primitives.orthogonalize import scale_by_shape as scale_by_shape
@@ -30,6 +33,7 @@ from optax_ext.primitives.projection import project_low_rank as project_low_rank
 from optax_ext.primitives.resets import MomentumResetState as MomentumResetState
 from optax_ext.primitives.resets import momentum_reset as momentum_reset
 from optax_ext.primitives.spikes import ClipSpikesState as ClipSpikesState
+from optax_ext.primitives.spikes import clip_by_quantile as clip_by_quantile
 from optax_ext.primitives.spikes import clip_spikes as clip_spikes
 from optax_ext.primitives.weight_decay import (
     AddDecoupledWeightDecayState as AddDecoupledWeightDecayState,
@@ -39,6 +43,13 @@ from optax_ext.primitives.weight_decay import (
 )
 
 # Recipes: orthogonalized momentum (Muon family).
+from optax_ext.recipes.auon import auon as auon
+from optax_ext.recipes.auon import hybrid_auon as hybrid_auon
+from optax_ext.recipes.auon import scale_by_auon as scale_by_auon
+from optax_ext.recipes.muon import muon as muon
+from optax_ext.recipes.muon import scale_by_muon as scale_by_muon
+from optax_ext.recipes.normuon import normuon as normuon
+from optax_ext.recipes.root import root as root
 
 # Recipes: low-rank and rotated projections (GaLore family, Conda).
 

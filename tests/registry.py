@@ -105,6 +105,17 @@ PRIMITIVE_CHAINS = [
 RECIPES: list[Entry] = [
     *PRIMITIVE_CHAINS,
     # Muon family.
+    Entry("muon", optax_ext.muon, dict(learning_rate=0.02, adam_learning_rate=0.01)),
+    Entry(
+        "muon:polar_express",
+        optax_ext.muon,
+        dict(learning_rate=0.02, ns=NewtonSchulz.polar_express(), shape_rule="moonlight"),
+    ),
+    Entry("normuon", optax_ext.normuon, dict(learning_rate=0.02, adam_learning_rate=0.01)),
+    Entry("root", optax_ext.root, dict(learning_rate=0.01)),
+    Entry("auon", optax_ext.auon, dict(learning_rate=0.2, adam_learning_rate=0.01)),
+    Entry("hybrid_auon", optax_ext.hybrid_auon, dict(learning_rate=0.02, adam_learning_rate=0.01)),
+    Entry("auon:v1", optax_ext.auon, dict(learning_rate=0.02, variant="v1")),
     # GaLore family and Conda.
     # SOAP, COSMOS.
     # Adam family, sign methods.

@@ -213,8 +213,9 @@ def polar_svd(x: jax.Array, *, rtol: float | None = None) -> jax.Array:
 class NewtonSchulz:
     """Selector for :func:`newton_schulz` (frozen, static under ``optax.inject_hyperparams``).
 
-    Attributes mirror the kernel's keyword arguments. Presets: :meth:`muon`,
-    :meth:`polar_express`, :meth:`root`.
+    Plain data with an :meth:`apply` method, deliberately not callable: ``inject_hyperparams``
+    treats callable arguments as schedules. Attributes mirror the kernel's keyword arguments.
+    Presets: :meth:`muon`, :meth:`polar_express`, :meth:`root`.
     """
 
     steps: int = 5
@@ -225,7 +226,7 @@ class NewtonSchulz:
     transpose: bool = True
     dtype: str | None = "bfloat16"
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def apply(self, x: jax.Array) -> jax.Array:
         """Applies the iteration to ``x`` of shape ``(..., m, n)``."""
         return newton_schulz(
             x,
@@ -260,6 +261,6 @@ class PolarSVD:
 
     rtol: float | None = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def apply(self, x: jax.Array) -> jax.Array:
         """Applies :func:`polar_svd` to ``x`` of shape ``(..., m, n)``."""
         return polar_svd(x, rtol=self.rtol)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._types import SpecLike, canonicalize_dtype
-from optax_ext.kernels.matricize import bucket_apply
+from optax_ext._types import SpecLike, canonicalize_dtype, is_masked, leaves_with_path, spec_for
+from optax_ext.kernels.matricize import bucket_apply, matricize, unmatricize
 from optax_ext.kernels.projections import SVDProjector, project, project_back
 from optax_ext.primitives._matrices import MatrixLeaves
 from optax_ext.primitives.projection import Projector, lowrank_shapes, refresh_bases
@@ -132,5 +133,191 @@ def column_normalize(
             nu=leaves.stored([v for _, v in outs], like=updates),
             basis=leaves.stored(basis, like=updates),
         )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByNeuronNormState(NamedTuple):
+    """State of :func:`scale_by_neuron_norm`: the EMA ``nu`` of per-neuron mean squares.
+
+    For the default ``axis="fan_out"`` each matrix leaf of shape ``(*batch, fan_in, fan_out)``
+    keeps ``(*batch, 1, fan_out)``: one value per output neuron (a row of a PyTorch weight).
+    """
+
+    nu: optax.Updates
+
+
+NEURON_AXES = ("fan_out", "fan_in", "longer")
+
+
+def scale_by_neuron_norm(
+    b2: float = 0.95,
+    eps: float = 1e-10,
+    *,
+    axis: str = "fan_out",
+    eps_inside: bool = False,
+    rescale: str = "preserve_norm",
+    target_rms: float = 0.2,
+    specs: SpecLike = None,
+) -> optax.GradientTransformation:
+    """Normalizes each neuron of an (orthogonalized) matrix update by an EMA of its mean square.
+
+    NorMuon's second stage, computed in float32 whatever the input dtype::
+
+        nu_O = ||O||_F
+        r    = mean(O^2) over the fan-in axis          # one value per output neuron
+        S   <- b2 S + (1 - b2) r                       # no bias correction
+        O   <- O / (sqrt(S) + eps)                     # eps_inside: O * rsqrt(max(S, eps))
+        O   <- O * nu_O / (||O||_F + eps)               # rescale="preserve_norm" (code)
+        O   <- O * target_rms * sqrt(m n) / ||O||_F     # rescale="match_rms" (paper)
+
+    Args:
+      b2: EMA decay of the statistic. Default 0.95 (NorMuon code; modded-nanogpt uses 0.9).
+      eps: Default 1e-10.
+      axis: ``"fan_out"`` (default): one statistic per output neuron, i.e. the mean is over the
+        fan-in axis of a flax ``(in, out)`` kernel (= per row of a PyTorch ``(out, in)`` weight,
+        the official NorMuon code); ``"fan_in"``: per input unit; ``"longer"``: one statistic per
+        entry of the longer side (modded-nanogpt's ``red_dim``), fan-out on ties.
+      eps_inside: ``rsqrt(max(S, eps))`` instead of ``1 / (sqrt(S) + eps)`` (modded-nanogpt).
+      rescale: ``"preserve_norm"`` (code: restore the pre-normalisation Frobenius norm, so any
+        global scale on S cancels) or ``"match_rms"`` (paper: update RMS = ``target_rms``) or
+        ``"none"``.
+      target_rms: RMS of the update for ``rescale="match_rms"``. Default 0.2.
+      specs: which axes are fan-in/fan-out.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByNeuronNormState`.
+
+    Raises:
+      ValueError: for a leaf with ``ndim < 2`` or an unknown option.
+
+    References:
+      Li et al., 2025, "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491;
+      code: github.com/zichongli5/NorMuon (``normuon_update`` at d45c9a4).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_neuron_norm()
+      >>> g = {"w": jnp.array([[1.0, 0.1], [1.0, 0.1]])}
+      >>> u, s = tx.update(g, tx.init(g))
+      >>> s.nu["w"].shape, bool(abs(u["w"][0, 0] / u["w"][0, 1] - 1.0) < 1e-3)
+      ((1, 2), True)
+    """
+    if axis not in NEURON_AXES:
+        raise ValueError(f"axis must be one of {NEURON_AXES}, got {axis!r}")
+    if rescale not in ("preserve_norm", "match_rms", "none"):
+        raise ValueError(f"rescale must be 'preserve_norm', 'match_rms' or 'none', got {rescale!r}")
+    who = "scale_by_neuron_norm"
+
+    def reduce_axis(m: int, n: int) -> int:
+        if axis == "fan_out":
+            return 1  # mean over fan-in: one value per fan-out unit
+        if axis == "fan_in":
+            return 2
+        return 1 if n >= m else 2  # statistic per entry of the longer side
+
+    def init_fn(params):
+        leaves = MatrixLeaves(params, specs, who)
+        stats = []
+        for b, m, n in leaves.matrix_shapes():
+            stats.append(jnp.zeros((b, 1, n) if reduce_axis(m, n) == 1 else (b, m, 1), jnp.float32))
+        return ScaleByNeuronNormState(nu=leaves.stored(stats, like=params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = MatrixLeaves(updates, specs, who)
+        outs, stats = [], []
+        for o, s, (_, m, n) in zip(
+            leaves.views(updates), leaves.unstored(state.nu), leaves.matrix_shapes()
+        ):
+            x = o.astype(jnp.float32)
+            norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+            s = b2 * s + (1 - b2) * jnp.mean(x * x, axis=reduce_axis(m, n), keepdims=True)
+            x = x * jax.lax.rsqrt(jnp.maximum(s, eps)) if eps_inside else x / (jnp.sqrt(s) + eps)
+            new = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+            if rescale == "preserve_norm":
+                x = x * (norm / (new + eps))
+            elif rescale == "match_rms":
+                x = x * (target_rms * (m * n) ** 0.5 / (new + eps))
+            outs.append(x.astype(o.dtype))
+            stats.append(s)
+        return leaves.restore(outs, like=updates), ScaleByNeuronNormState(
+            nu=leaves.stored(stats, like=updates)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_cosh_rms(
+    gamma: float = 1.5,
+    *,
+    normalize: bool = False,
+    eps_norm: float = 1e-7,
+    eps: float = 1e-8,
+    dtype: str | None = None,
+    specs: SpecLike = None,
+) -> optax.GradientTransformation:
+    """Divides each matrix (or vector) update by the RMS of the elementwise cosh of its direction.
+
+    AuON's "brake" (linear time)::
+
+        Z = gamma U / (||U||_F + eps_norm);   r = sqrt(mean(cosh(Z)^2))
+        U <- U / (r + eps)                    # normalize=False (AuON at HEAD)
+        U <- Z / (r + eps)                    # normalize=True, gamma=1 (AuON v1 / arXiv v1)
+
+    ``r >= 1`` grows only when the update is concentrated in few entries. The statistic is per
+    matrix of the ``(fan_in, fan_out)`` view for ``ndim >= 2`` leaves and per tensor for 0-D/1-D.
+    A zero update stays zero.
+
+    Args:
+      gamma: scale inside cosh. Default 1.5 (AuON HEAD; v1 is 1).
+      normalize: return the unit-Frobenius-norm direction (v1) instead of the raw update.
+      eps_norm: added to the Frobenius norm. Default 1e-7.
+      eps: added to ``r``. Default 1e-8.
+      dtype: compute dtype (v1's reference casts to ``"bfloat16"``); None keeps the input's.
+      specs: which axes are fan-in/fan-out for N-D leaves.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    References:
+      Maity, 2025, "AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates",
+      arXiv 2509.24320; code: github.com/ryyzn9/AuON (``auon/optimizer.py`` at bba2e82,
+      ``Auon_Adam_train.py`` at c87b862 for v1).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_cosh_rms(gamma=1.0, normalize=True)
+      >>> u, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(None))
+      >>> round(float(jnp.sum(u["w"] ** 2)) ** 0.5, 4)   # ||Z|| / cosh(0.5)
+      0.8868
+    """
+    compute = canonicalize_dtype(dtype)
+
+    def brake(u):
+        x = u.astype(compute) if compute is not None else u
+        axes = (-2, -1) if x.ndim >= 2 else tuple(range(x.ndim))
+        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
+        z = (x / (norm + eps_norm).astype(x.dtype)) if normalize else None
+        zz = gamma * x.astype(jnp.float32) / (norm + eps_norm)
+        r = jnp.sqrt(jnp.mean(jnp.square(jnp.cosh(zz)), axis=axes, keepdims=True))
+        out = (z if normalize else x) / (r + eps).astype(x.dtype)
+        return out.astype(u.dtype)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        pairs, treedef = leaves_with_path(updates)
+        flat = []
+        for path, u in pairs:
+            if is_masked(u) or jnp.ndim(u) < 2:
+                flat.append(u if is_masked(u) else brake(u))
+                continue
+            spec = spec_for(specs, path, u)
+            flat.append(unmatricize(brake(matricize(u, spec=spec)), shape=u.shape, spec=spec))
+        return treedef.unflatten(flat), state
 
     return optax.GradientTransformation(init_fn, update_fn)

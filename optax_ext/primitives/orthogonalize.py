@@ -32,7 +32,8 @@ def orthogonalize(
     Args:
       method: a :class:`~optax_ext.kernels.NewtonSchulz` spec (default: Muon's 5 bf16 quintic
         steps), :class:`~optax_ext.kernels.PolarSVD` (exact) or any batched callable
-        ``(b, m, n) -> (b, m, n)``.
+        ``(b, m, n) -> (b, m, n)`` (a callable argument must be a ``static_args`` of
+        ``optax.inject_hyperparams``, which otherwise treats it as a schedule).
       specs: which axes are fan-in/fan-out (default: the last two; leading axes are batch, so a
         stacked ``(layers, in, out)`` kernel is a batch of matrices). The polar factor is
         transpose-equivariant, so the fan-in/fan-out choice only matters for N-D leaves.
@@ -65,9 +66,11 @@ def orthogonalize(
             MatrixLeaves(params, specs, "orthogonalize")
         return optax.EmptyState()
 
+    kernel = method.apply if hasattr(method, "apply") else method
+
     def update_fn(updates, state, params=None):
         del params
-        return map_matrices(method, updates, specs, "orthogonalize"), state
+        return map_matrices(kernel, updates, specs, "orthogonalize"), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -53,7 +53,7 @@ def test_singular_values_within_documented_band(preset, band, _, jit, shape, see
     # Spectrum whose Frobenius-normalised values all lie in the preset's input range.
     s = np.exp(rng.uniform(np.log(lo_in * np.sqrt(k) * 1.01), 0, k))
     x, _, _ = with_spectrum(shape, s / np.linalg.norm(s), seed)
-    f = jax.jit(preset) if jit else preset
+    f = jax.jit(preset.apply) if jit else preset.apply
     with jax.numpy_dtype_promotion("strict"):
         y = f(jnp.asarray(x))
     sv = np.linalg.svd(np.asarray(y, np.float64), compute_uv=False)
@@ -91,8 +91,8 @@ def test_polar_svd_zero_and_rank_deficient():
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**16), c=st.floats(1e-3, 1e3))
 def test_invariant_to_positive_scaling(method, shape, seed, c):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    a = np.asarray(method(jnp.asarray(x)))
-    b = np.asarray(method(jnp.asarray(np.float32(c) * x)))
+    a = np.asarray(method.apply(jnp.asarray(x)))
+    b = np.asarray(method.apply(jnp.asarray(np.float32(c) * x)))
     np.testing.assert_allclose(a, b, atol=5e-5)
 
 
@@ -100,7 +100,7 @@ def test_invariant_to_positive_scaling(method, shape, seed, c):
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**16))
 def test_transpose_equivariant(method, shape, seed):
     x = jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-    np.testing.assert_allclose(method(x.T), method(x).T, **tol(jnp.float32))
+    np.testing.assert_allclose(method.apply(x.T), method.apply(x).T, **tol(jnp.float32))
 
 
 def test_batched_equals_per_matrix_and_shapes():
