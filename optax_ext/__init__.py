@@ -17,11 +17,15 @@ from optax_ext.kernels.projections import SVDProjector as SVDProjector
 # Primitives.
 from optax_ext.primitives.moments import MomentumState as MomentumState
 from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
+from optax_ext.primitives.moments import ScaleByBiasCorrectionState as ScaleByBiasCorrectionState
 from optax_ext.primitives.moments import momentum as momentum
 from optax_ext.primitives.moments import scale_by_adam as scale_by_adam
+from optax_ext.primitives.moments import scale_by_bias_correction as scale_by_bias_correction
 from optax_ext.primitives.normalize import ColumnNormalizeState as ColumnNormalizeState
+from optax_ext.primitives.normalize import NormGrowthLimiterState as NormGrowthLimiterState
 from optax_ext.primitives.normalize import ScaleByNeuronNormState as ScaleByNeuronNormState
 from optax_ext.primitives.normalize import column_normalize as column_normalize
+from optax_ext.primitives.normalize import norm_growth_limiter as norm_growth_limiter
 from optax_ext.primitives.normalize import scale_by_cosh_rms as scale_by_cosh_rms
 from optax_ext.primitives.normalize import scale_by_neuron_norm as scale_by_neuron_norm
 from optax_ext.primitives.orthogonalize import SHAPE_RULES as SHAPE_RULES
@@ -29,7 +33,11 @@ from optax_ext.primitives.orthogonalize import orthogonalize as orthogonalize
 from optax_ext.primitives.orthogonalize import scale_by_shape as scale_by_shape
 from optax_ext.primitives.projection import ProjectLowRankState as ProjectLowRankState
 from optax_ext.primitives.projection import Projector as Projector
+from optax_ext.primitives.projection import ScaledResidual as ScaledResidual
 from optax_ext.primitives.projection import project_low_rank as project_low_rank
+from optax_ext.primitives.projection import (
+    scale_by_projected_norm_ratio as scale_by_projected_norm_ratio,
+)
 from optax_ext.primitives.resets import MomentumResetState as MomentumResetState
 from optax_ext.primitives.resets import momentum_reset as momentum_reset
 from optax_ext.primitives.spikes import ClipSpikesState as ClipSpikesState
@@ -42,16 +50,23 @@ from optax_ext.primitives.weight_decay import (
     add_decoupled_weight_decay as add_decoupled_weight_decay,
 )
 
+# Recipes: low-rank and rotated projections (GaLore family, Conda).
+from optax_ext.recipes.apollo import apollo as apollo
+from optax_ext.recipes.apollo import apollo_mini as apollo_mini
+from optax_ext.recipes.apollo import scale_by_apollo as scale_by_apollo
+
 # Recipes: orthogonalized momentum (Muon family).
 from optax_ext.recipes.auon import auon as auon
 from optax_ext.recipes.auon import hybrid_auon as hybrid_auon
 from optax_ext.recipes.auon import scale_by_auon as scale_by_auon
+from optax_ext.recipes.conda import conda as conda
+from optax_ext.recipes.galore import fira as fira
+from optax_ext.recipes.galore import galore as galore
+from optax_ext.recipes.galore import scale_by_galore as scale_by_galore
 from optax_ext.recipes.muon import muon as muon
 from optax_ext.recipes.muon import scale_by_muon as scale_by_muon
 from optax_ext.recipes.normuon import normuon as normuon
 from optax_ext.recipes.root import root as root
-
-# Recipes: low-rank and rotated projections (GaLore family, Conda).
 
 # Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
 

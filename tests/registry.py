@@ -117,6 +117,20 @@ RECIPES: list[Entry] = [
     Entry("hybrid_auon", optax_ext.hybrid_auon, dict(learning_rate=0.02, adam_learning_rate=0.01)),
     Entry("auon:v1", optax_ext.auon, dict(learning_rate=0.02, variant="v1")),
     # GaLore family and Conda.
+    Entry("galore", optax_ext.galore, dict(learning_rate=0.01, projector=SVDProjector(2, 3))),
+    Entry("fira", optax_ext.fira, dict(learning_rate=0.01, projector=SVDProjector(2, 3))),
+    Entry("apollo", optax_ext.apollo, dict(learning_rate=0.01, projector=RandomProjector(2, 3))),
+    Entry("apollo:svd", optax_ext.apollo, dict(learning_rate=0.01, projector=SVDProjector(2, 3))),
+    Entry(
+        "apollo_mini",
+        optax_ext.apollo_mini,
+        dict(learning_rate=0.01, projector=RandomProjector(1, 3)),
+    ),
+    Entry(
+        "conda",
+        optax_ext.conda,
+        dict(learning_rate=0.01, projector=SVDProjector(None, update_every=3)),
+    ),
     # SOAP, COSMOS.
     # Adam family, sign methods.
     # Second order.

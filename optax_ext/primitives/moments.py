@@ -164,3 +164,47 @@ def scale_by_adam(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByBiasCorrectionState(NamedTuple):
+    """State of :func:`scale_by_bias_correction`: the step ``count`` (int32)."""
+
+    count: chex.Array
+
+
+def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """Multiplies updates by HF AdamW's step-size factor ``sqrt(1 - b2^t) / (1 - b1^t)``.
+
+    For methods whose statistics are computed without bias correction and whose *whole* update
+    is then scaled by it (Fira's residual, APOLLO's scaled gradient), with ``t`` the 1-based step.
+
+    Args:
+      b1: first-moment decay. Default 0.9.
+      b2: second-moment decay. Default 0.999.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByBiasCorrectionState`.
+
+    References:
+      HF transformers ``AdamW`` (``correct_bias=True``), as vendored by GaLore, Fira and APOLLO.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_bias_correction(0.5, 0.75)
+      >>> float(tx.update(jnp.ones(1), tx.init(None))[0][0])   # sqrt(0.25) / 0.5
+      1.0
+    """
+
+    def init_fn(params):
+        del params
+        return ScaleByBiasCorrectionState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda u: (u * step).astype(u.dtype), updates)
+        return updates, ScaleByBiasCorrectionState(count=count)
+
+    return optax.GradientTransformation(init_fn, update_fn)

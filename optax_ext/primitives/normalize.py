@@ -11,6 +11,7 @@ import optax
 
 from optax_ext._types import SpecLike, canonicalize_dtype, is_masked, leaves_with_path, spec_for
 from optax_ext.kernels.matricize import bucket_apply, matricize, unmatricize
+from optax_ext.kernels.norms import limit_norm_growth
 from optax_ext.kernels.projections import SVDProjector, project, project_back
 from optax_ext.primitives._matrices import MatrixLeaves
 from optax_ext.primitives.projection import Projector, lowrank_shapes, refresh_bases
@@ -319,5 +320,69 @@ def scale_by_cosh_rms(
             spec = spec_for(specs, path, u)
             flat.append(unmatricize(brake(matricize(u, spec=spec)), shape=u.shape, spec=spec))
         return treedef.unflatten(flat), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class NormGrowthLimiterState(NamedTuple):
+    """State of :func:`norm_growth_limiter`: step ``count`` and the last norm per matrix."""
+
+    count: chex.Array
+    norm: optax.Updates
+
+
+def norm_growth_limiter(
+    gamma: float = 1.01, *, eps: float = 1e-8, specs: SpecLike = None
+) -> optax.GradientTransformation:
+    """Limits the growth of each matrix update's Frobenius norm to ``gamma`` per step.
+
+    Algorithm (per matrix ``S`` of the view, ``h`` its previous norm)::
+
+        first step:  h <- ||S||
+        otherwise:   lam = max(||S|| / (h + eps), gamma) / gamma;  S <- S / lam;  h <- ||S||
+
+    Args:
+      gamma: allowed growth factor per step. Default 1.01 (Fira, APOLLO; hard-coded there).
+      eps: Default 1e-8.
+      specs: which axes are fan-in/fan-out.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`NormGrowthLimiterState`.
+
+    Raises:
+      ValueError: for a leaf with ``ndim < 2``.
+
+    References:
+      Chen et al., 2024, "Fira", arXiv 2410.01623 (norm-growth limiter); used by APOLLO
+      (Zhu et al., 2025, arXiv 2412.05270).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.norm_growth_limiter(1.5)
+      >>> s = tx.init({"w": jnp.ones((2, 2))})
+      >>> _, s = tx.update({"w": jnp.ones((2, 2))}, s)           # norm 2 recorded
+      >>> u, s = tx.update({"w": 10 * jnp.ones((2, 2))}, s)      # 20 -> 3 (= 1.5 x 2)
+      >>> round(float(jnp.linalg.norm(u["w"])), 4)
+      3.0
+    """
+    who = "norm_growth_limiter"
+
+    def init_fn(params):
+        leaves = MatrixLeaves(params, specs, who)
+        norms = [jnp.zeros((b,), jnp.float32) for b, _, _ in leaves.matrix_shapes()]
+        return NormGrowthLimiterState(jnp.zeros([], jnp.int32), leaves.stored(norms, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = MatrixLeaves(updates, specs, who)
+        first = state.count == 0
+        outs, norms = [], []
+        for s, h in zip(leaves.views(updates), leaves.unstored(state.norm)):
+            s2, h2 = limit_norm_growth(s, h, first, gamma=gamma, eps=eps)
+            outs.append(s2.astype(s.dtype))
+            norms.append(h2)
+        return leaves.restore(outs, like=updates), NormGrowthLimiterState(
+            optax.safe_increment(state.count), leaves.stored(norms, like=updates)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
