@@ -15,6 +15,14 @@ from optax_ext.kernels.projections import RandomProjector as RandomProjector
 from optax_ext.kernels.projections import SVDProjector as SVDProjector
 
 # Primitives.
+from optax_ext.primitives.elementwise import ScaleByAdaBeliefState as ScaleByAdaBeliefState
+from optax_ext.primitives.elementwise import ScaleByExAdamState as ScaleByExAdamState
+from optax_ext.primitives.elementwise import ScaleByLionState as ScaleByLionState
+from optax_ext.primitives.elementwise import ScaleBySGDSaIState as ScaleBySGDSaIState
+from optax_ext.primitives.elementwise import scale_by_adabelief as scale_by_adabelief
+from optax_ext.primitives.elementwise import scale_by_exadam as scale_by_exadam
+from optax_ext.primitives.elementwise import scale_by_lion as scale_by_lion
+from optax_ext.primitives.elementwise import scale_by_sgd_sai as scale_by_sgd_sai
 from optax_ext.primitives.moments import MomentumState as MomentumState
 from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
 from optax_ext.primitives.moments import ScaleByBiasCorrectionState as ScaleByBiasCorrectionState
@@ -38,17 +46,31 @@ from optax_ext.primitives.projection import project_low_rank as project_low_rank
 from optax_ext.primitives.projection import (
     scale_by_projected_norm_ratio as scale_by_projected_norm_ratio,
 )
+from optax_ext.primitives.radial import ProjectOutRadialState as ProjectOutRadialState
+from optax_ext.primitives.radial import project_out_parallel as project_out_parallel
+from optax_ext.primitives.radial import project_out_radial as project_out_radial
 from optax_ext.primitives.resets import MomentumResetState as MomentumResetState
+from optax_ext.primitives.resets import ScaleByResetWarmupState as ScaleByResetWarmupState
 from optax_ext.primitives.resets import momentum_reset as momentum_reset
+from optax_ext.primitives.resets import scale_by_reset_warmup as scale_by_reset_warmup
 from optax_ext.primitives.spikes import ClipSpikesState as ClipSpikesState
+from optax_ext.primitives.spikes import ScaleByStableSpamState as ScaleByStableSpamState
 from optax_ext.primitives.spikes import clip_by_quantile as clip_by_quantile
 from optax_ext.primitives.spikes import clip_spikes as clip_spikes
+from optax_ext.primitives.spikes import scale_by_stable_spam as scale_by_stable_spam
 from optax_ext.primitives.weight_decay import (
     AddDecoupledWeightDecayState as AddDecoupledWeightDecayState,
 )
 from optax_ext.primitives.weight_decay import (
     add_decoupled_weight_decay as add_decoupled_weight_decay,
 )
+
+# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
+# Recipes: Adam family, sign methods and schedules.
+from optax_ext.recipes.adabelief import adabelief as adabelief
+from optax_ext.recipes.adamp import adamp as adamp
+from optax_ext.recipes.adamp import perp_adamw as perp_adamw
+from optax_ext.recipes.adamp import sgdp as sgdp
 
 # Recipes: low-rank and rotated projections (GaLore family, Conda).
 from optax_ext.recipes.apollo import apollo as apollo
@@ -60,17 +82,21 @@ from optax_ext.recipes.auon import auon as auon
 from optax_ext.recipes.auon import hybrid_auon as hybrid_auon
 from optax_ext.recipes.auon import scale_by_auon as scale_by_auon
 from optax_ext.recipes.conda import conda as conda
+from optax_ext.recipes.exadam import exadam as exadam
+from optax_ext.recipes.exadam import exadam_v1_schedule as exadam_v1_schedule
+from optax_ext.recipes.exadam import sgd_sai as sgd_sai
 from optax_ext.recipes.galore import fira as fira
 from optax_ext.recipes.galore import galore as galore
 from optax_ext.recipes.galore import scale_by_galore as scale_by_galore
+from optax_ext.recipes.lion import lion as lion
+from optax_ext.recipes.lion import lion_k as lion_k
 from optax_ext.recipes.muon import muon as muon
 from optax_ext.recipes.muon import scale_by_muon as scale_by_muon
 from optax_ext.recipes.normuon import normuon as normuon
 from optax_ext.recipes.root import root as root
-
-# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
-
-# Recipes: Adam family, sign methods and schedules.
+from optax_ext.recipes.schedules import rex_schedule as rex_schedule
+from optax_ext.recipes.spam import spam as spam
+from optax_ext.recipes.spam import stable_spam as stable_spam
 
 # Recipes: second order (Hessian estimates).
 

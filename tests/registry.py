@@ -133,6 +133,24 @@ RECIPES: list[Entry] = [
     ),
     # SOAP, COSMOS.
     # Adam family, sign methods.
+    Entry(
+        "spam",
+        optax_ext.spam,
+        dict(learning_rate=0.01, reset_every=4, warmup_steps=2, grace_steps=2),
+    ),
+    Entry(
+        "stable_spam",
+        optax_ext.stable_spam,
+        dict(learning_rate=0.01, reset_every=4, total_steps=20),
+    ),
+    Entry("lion", optax_ext.lion, dict(learning_rate=3e-3, weight_decay=0.01)),
+    Entry("lion_k:huber", optax_ext.lion_k, dict(learning_rate=3e-3, k="huber", k_param=0.01)),
+    Entry("adabelief", optax_ext.adabelief, dict(learning_rate=0.01, weight_decay=1e-4)),
+    Entry("adamp", optax_ext.adamp, dict(learning_rate=0.01, weight_decay=0.01)),
+    Entry("sgdp", optax_ext.sgdp, dict(learning_rate=0.1, beta=0.9, weight_decay=1e-4)),
+    Entry("perp_adamw", optax_ext.perp_adamw, dict(learning_rate=0.01)),
+    Entry("exadam", optax_ext.exadam, dict(learning_rate=3e-3)),
+    Entry("sgd_sai", optax_ext.sgd_sai, dict(learning_rate=1e-3, weight_decay=0.0)),
     # Second order.
     # State compression.
     # Communication compression and constraints.

@@ -89,6 +89,7 @@ def scale_by_adam(
     eps_root: float = 0.0,
     *,
     bias_correction: str = "standard",
+    nesterov: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -111,6 +112,8 @@ def scale_by_adam(
       eps_root: added inside the square root. Default 0.
       bias_correction: ``"standard"`` (default), ``"hf"`` or ``"none"``, see above. "hf" differs
         from "standard" only in where ``eps`` sits (``eps / sqrt(1 - b2^t)`` in standard terms).
+      nesterov: use ``b1 m + (1 - b1) g`` (with the updated ``m``) as the numerator, with the
+        same bias correction ``1 - b1^t`` (AdamP's Nesterov form; not optax's ``nadam``).
       mu_dtype: dtype of ``mu``; default the parameter dtype.
       nu_dtype: dtype of ``nu``; default the parameter dtype.
 
@@ -149,12 +152,13 @@ def scale_by_adam(
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
+        num = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, updates) if nesterov else mu
         if bias_correction == "standard":
-            mu_hat = optax.tree.bias_correction(mu, b1, count)
+            mu_hat = optax.tree.bias_correction(num, b1, count)
             nu_hat = optax.tree.bias_correction(nu, b2, count)
             out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         else:
-            out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu, nu)
+            out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), num, nu)
             if bias_correction == "hf":
                 step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
                 out = jax.tree.map(lambda u: u * step, out)

@@ -87,3 +87,63 @@ def momentum_reset(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByResetWarmupState(NamedTuple):
+    """State of :func:`scale_by_reset_warmup`: the step ``count`` (int32)."""
+
+    count: chex.Array
+
+
+def scale_by_reset_warmup(
+    every: int = 500, warmup_steps: int = 150
+) -> optax.GradientTransformation:
+    """Cosine re-warm-up of the update after each momentum reset (SPAM).
+
+    Algorithm (``t`` the 1-based step, ``N = warmup_steps``; ``c = t mod every`` once ``t >=
+    every``, counting steps since the last reset)::
+
+        s_t = 1 - 0.99 (1 + cos(pi c / (N + 1))) / 2   if c < N   else 1
+        u <- s_t u
+
+    so the multipliers after a reset are 0.01, ..., reaching 1 at the N-th step after it (no
+    scaling before the first reset).
+
+    Args:
+      every: reset period ``Delta T`` (the enclosing :func:`momentum_reset`'s). Default 500.
+      warmup_steps: ``N``. Default 150 (the paper's; the released launcher passes its LR
+        warm-up length instead, see the SPAM spec).
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByResetWarmupState`.
+
+    References:
+      Huang et al., 2025, "SPAM", arXiv 2501.06842; code: github.com/TianjinYellow/SPAM-Optimizer
+      (``galore_torch/SPAM.py`` at e8185fb, ``CosineDecay`` warm-up).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_reset_warmup(every=5, warmup_steps=3)
+      >>> s, out = tx.init(None), []
+      >>> for _ in range(8):
+      ...     u, s = tx.update(jnp.ones(1), s)
+      ...     out.append(round(float(u[0]), 3))
+      >>> out
+      [1.0, 1.0, 1.0, 1.0, 0.01, 0.155, 0.505, 1.0]
+    """
+
+    def init_fn(params):
+        del params
+        return ScaleByResetWarmupState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        t = state.count + 1
+        period = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
+        c = jnp.where(t >= period, t % period, warmup_steps + t).astype(jnp.float32)
+        d = 0.99 * (1 + jnp.cos(jnp.pi * c / (warmup_steps + 1))) / 2
+        scale = 1 - jnp.where(c < warmup_steps, d, 0.0)
+        updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+        return updates, ScaleByResetWarmupState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -162,3 +162,160 @@ def clip_by_quantile(
         return map_matrices(clip, updates, specs, "clip_by_quantile"), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByStableSpamState(NamedTuple):
+    """State of :func:`scale_by_stable_spam`.
+
+    Attributes:
+      count: global 1-based step of the last update (int32), drives the cosine ``sigma_T``.
+      k: per-tensor step counter used for debiasing (int32), reset to 1 at momentum resets.
+      mu, nu: Adam moments (param-shaped).
+      max_ema: per tensor, EMA of ``max |g|`` (float32 scalars).
+      norm_ema: per tensor, EMA of ``||g||`` (float32 scalars).
+      sq_norm_ema: per tensor, EMA of ``||g||^2`` (float32 scalars).
+    """
+
+    count: chex.Array
+    k: chex.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    max_ema: optax.Updates
+    norm_ema: optax.Updates
+    sq_norm_ema: optax.Updates
+
+
+def scale_by_stable_spam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    gamma1: float = 0.7,
+    gamma2: float = 0.9,
+    gamma3: float = 0.999,
+    reset_every: int = 1000,
+    total_steps: int | None = None,
+    eta_min: float = 0.5,
+    clean_reset: bool = False,
+) -> optax.GradientTransformation:
+    """Stable-SPAM's preconditioner: adaptive spike clip, adaptive norm, Adam with resets.
+
+    Algorithm (per tensor; ``T`` the global step, ``k`` the per-tensor counter)::
+
+        sigma = eta + (1 - eta)(1 + cos(pi T / (total + 1))) / 2   (1 without total_steps)
+        k <- k + 1
+        M <- g3 M + (1 - g3) max|g|;  Mh = M / (1 - g3^k);  g <- g Mh / max|g| where |g| > Mh
+        n = ||g||;  a <- g1s a + (1 - g1s) n;  b <- g2 b + (1 - g2) n^2      (g1s = g1 sigma)
+        g <- g c / n  with  c = (a / (1 - g1s^k)) / (sqrt(b / (1 - g2^k)) + eps)   (if n > 0)
+        if T mod reset_every == 0:  k <- 1;  the moments used now are the old ones (code) or 0
+                                    (clean_reset); the stored moments end the step at 0
+        b1' = b1 sigma;  m <- b1' m + (1 - b1') g;  v <- b2 v + (1 - b2) g^2
+        u = (m / (1 - b1'^k)) / (sqrt(v) / sqrt(1 - b2^k) + eps)
+
+    Args:
+      b1, b2, eps: Adam constants (PyTorch placement of ``eps``). Defaults 0.9, 0.999, 1e-8.
+      gamma1: norm-EMA decay (``-1`` would mean ``b1`` in the reference). Default 0.7.
+      gamma2: squared-norm EMA decay. Default 0.9.
+      gamma3: max-abs EMA decay (spike threshold ``theta``). Default 0.999.
+      reset_every: momentum reset period (``update_proj_gap``); 0 disables. Default 1000.
+      total_steps: length of the cosine on the momentum coefficients; None disables.
+      eta_min: floor of ``sigma``. Default 0.5.
+      clean_reset: zero the moments *before* using them on a reset step (the paper) instead of
+        the code's aliasing, which steps with the stale moments and ``k = 1``. Default False.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByStableSpamState`.
+
+    References:
+      Huang et al., 2025, "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
+      arXiv 2502.17055; code: github.com/TianjinYellow/StableSPAM
+      (``galore_torch/stablespam.py`` at 6a54c87).
+
+    Notes:
+      The clip rescales entries above ``Mh`` proportionally (the largest lands on ``Mh``); it is
+      not a clamp. All-zero gradients: nothing is clipped or renormalised, the statistics are
+      still updated and the step still uses the momentum. ``sigma`` keeps following the closed
+      form past ``total_steps`` (no clamp), as in the code.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_stable_spam()
+      >>> u, s = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
+      >>> int(s.k), float(s.norm_ema)
+      (1, 1.5)
+    """
+
+    def init_fn(params):
+        scalars = lambda: jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)  # noqa: E731
+        return ScaleByStableSpamState(
+            count=jnp.zeros([], jnp.int32),
+            k=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+            max_ema=scalars(),
+            norm_ema=scalars(),
+            sq_norm_ema=scalars(),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        big_t = state.count + 1
+        tf = big_t.astype(jnp.float32)
+        if total_steps is None:
+            sigma = jnp.ones([], jnp.float32)
+        else:
+            sigma = eta_min + (1 - eta_min) * (1 + jnp.cos(jnp.pi * tf / (total_steps + 1))) / 2
+        k = state.k + 1
+        kf = k.astype(jnp.float32)
+        g1s = gamma1 * sigma
+        period = jnp.maximum(jnp.asarray(reset_every, jnp.int32), 1)
+        reset = (jnp.asarray(reset_every) > 0) & (big_t % period == 0)
+        k_adam = jnp.where(reset, 1, k).astype(jnp.float32)
+        b1s = b1 * sigma
+        bc1, bc2 = 1 - b1s**k_adam, 1 - b2**k_adam
+
+        def per_tensor(g, m, v, mx, a, b):
+            m_dtype, v_dtype = m.dtype, v.dtype
+            g32 = g.astype(jnp.float32)
+            gmax = jnp.max(jnp.abs(g32))
+            mx = gamma3 * mx + (1 - gamma3) * gmax
+            mhat = mx / (1 - gamma3**kf)
+            safe = jnp.where(gmax > 0, gmax, 1.0)
+            g32 = jnp.where(jnp.abs(g32) > mhat, g32 * mhat / safe, g32)
+            n = jnp.sqrt(jnp.sum(g32 * g32))
+            a = g1s * a + (1 - g1s) * n
+            b = gamma2 * b + (1 - gamma2) * n * n
+            c = (a / (1 - g1s**kf)) / (jnp.sqrt(b / (1 - gamma2**kf)) + eps)
+            g32 = jnp.where(n > 0, g32 * c / jnp.where(n > 0, n, 1.0), g32)
+            if clean_reset:
+                m = jnp.where(reset, jnp.zeros_like(m), m)
+                v = jnp.where(reset, jnp.zeros_like(v), v)
+            m = b1s * m + (1 - b1s) * g32.astype(m.dtype)
+            v = b2 * v + (1 - b2) * jnp.square(g32).astype(v.dtype)
+            u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
+            m_out = jnp.where(reset, jnp.zeros_like(m), m).astype(m_dtype)
+            v_out = jnp.where(reset, jnp.zeros_like(v), v).astype(v_dtype)
+            return u.astype(g.dtype), m_out, v_out, mx, a, b
+
+        res = jax.tree.map(
+            per_tensor,
+            updates,
+            state.mu,
+            state.nu,
+            state.max_ema,
+            state.norm_ema,
+            state.sq_norm_ema,
+        )
+        pick = lambda i: jax.tree.map(lambda _, r: r[i], updates, res)  # noqa: E731
+        new = ScaleByStableSpamState(
+            count=big_t,
+            k=jnp.where(reset, 1, k).astype(jnp.int32),
+            mu=pick(1),
+            nu=pick(2),
+            max_ema=pick(3),
+            norm_ema=pick(4),
+            sq_norm_ema=pick(5),
+        )
+        return pick(0), new
+
+    return optax.GradientTransformation(init_fn, update_fn)
