@@ -39,6 +39,9 @@ from optax_ext.primitives.normalize import scale_by_neuron_norm as scale_by_neur
 from optax_ext.primitives.orthogonalize import SHAPE_RULES as SHAPE_RULES
 from optax_ext.primitives.orthogonalize import orthogonalize as orthogonalize
 from optax_ext.primitives.orthogonalize import scale_by_shape as scale_by_shape
+from optax_ext.primitives.preconditioners import ScaleBySoapState as ScaleBySoapState
+from optax_ext.primitives.preconditioners import SoapLayout as SoapLayout
+from optax_ext.primitives.preconditioners import scale_by_soap as scale_by_soap
 from optax_ext.primitives.projection import ProjectLowRankState as ProjectLowRankState
 from optax_ext.primitives.projection import Projector as Projector
 from optax_ext.primitives.projection import ScaledResidual as ScaledResidual
@@ -65,7 +68,6 @@ from optax_ext.primitives.weight_decay import (
     add_decoupled_weight_decay as add_decoupled_weight_decay,
 )
 
-# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
 # Recipes: Adam family, sign methods and schedules.
 from optax_ext.recipes.adabelief import adabelief as adabelief
 from optax_ext.recipes.adamp import adamp as adamp
@@ -95,6 +97,9 @@ from optax_ext.recipes.muon import scale_by_muon as scale_by_muon
 from optax_ext.recipes.normuon import normuon as normuon
 from optax_ext.recipes.root import root as root
 from optax_ext.recipes.schedules import rex_schedule as rex_schedule
+
+# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
+from optax_ext.recipes.soap import soap as soap
 from optax_ext.recipes.spam import spam as spam
 from optax_ext.recipes.spam import stable_spam as stable_spam
 

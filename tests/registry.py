@@ -25,6 +25,7 @@ class Entry:
     kwargs: dict[str, Any]
     extra_args: Callable[[int, Any, Any], dict[str, Any]] | None = None
     descent_steps: int = 20
+    noop_calls: int = 0  # leading calls that only build state (SOAP, 1-bit Adam)
 
 
 def _hidden_chain(hidden: Callable[[Any], optax.GradientTransformation]):
@@ -132,6 +133,17 @@ RECIPES: list[Entry] = [
         dict(learning_rate=0.01, projector=SVDProjector(None, update_every=3)),
     ),
     # SOAP, COSMOS.
+    Entry("soap", optax_ext.soap, dict(learning_rate=0.01, precondition_frequency=2), noop_calls=1),
+    Entry(
+        "soap:one_sided_1d",
+        optax_ext.soap,
+        dict(
+            learning_rate=0.01,
+            precondition_frequency=2,
+            layout=optax_ext.SoapLayout(max_precond_dim=10, precondition_1d=True),
+        ),
+        noop_calls=1,
+    ),
     # Adam family, sign methods.
     Entry(
         "spam",
