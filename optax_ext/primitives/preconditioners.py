@@ -1,4 +1,4 @@
-"""Shampoo-eigenbasis preconditioning: Adam run in the eigenbasis of per-axis Gram factors (SOAP)."""
+"""Shampoo-eigenbasis preconditioning: Adam in the eigenbasis of per-axis Gram factors (SOAP)."""
 
 from __future__ import annotations
 
