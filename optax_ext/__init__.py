@@ -39,8 +39,13 @@ from optax_ext.primitives.normalize import scale_by_neuron_norm as scale_by_neur
 from optax_ext.primitives.orthogonalize import SHAPE_RULES as SHAPE_RULES
 from optax_ext.primitives.orthogonalize import orthogonalize as orthogonalize
 from optax_ext.primitives.orthogonalize import scale_by_shape as scale_by_shape
+from optax_ext.primitives.preconditioners import OnlinePCA as OnlinePCA
+from optax_ext.primitives.preconditioners import ScaleByCosmosAdamState as ScaleByCosmosAdamState
+from optax_ext.primitives.preconditioners import ScaleByCosmosState as ScaleByCosmosState
 from optax_ext.primitives.preconditioners import ScaleBySoapState as ScaleBySoapState
 from optax_ext.primitives.preconditioners import SoapLayout as SoapLayout
+from optax_ext.primitives.preconditioners import scale_by_cosmos as scale_by_cosmos
+from optax_ext.primitives.preconditioners import scale_by_cosmos_adam as scale_by_cosmos_adam
 from optax_ext.primitives.preconditioners import scale_by_soap as scale_by_soap
 from optax_ext.primitives.projection import ProjectLowRankState as ProjectLowRankState
 from optax_ext.primitives.projection import Projector as Projector
@@ -84,6 +89,9 @@ from optax_ext.recipes.auon import auon as auon
 from optax_ext.recipes.auon import hybrid_auon as hybrid_auon
 from optax_ext.recipes.auon import scale_by_auon as scale_by_auon
 from optax_ext.recipes.conda import conda as conda
+
+# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
+from optax_ext.recipes.cosmos import cosmos as cosmos
 from optax_ext.recipes.exadam import exadam as exadam
 from optax_ext.recipes.exadam import exadam_v1_schedule as exadam_v1_schedule
 from optax_ext.recipes.exadam import sgd_sai as sgd_sai
@@ -97,8 +105,6 @@ from optax_ext.recipes.muon import scale_by_muon as scale_by_muon
 from optax_ext.recipes.normuon import normuon as normuon
 from optax_ext.recipes.root import root as root
 from optax_ext.recipes.schedules import rex_schedule as rex_schedule
-
-# Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
 from optax_ext.recipes.soap import soap as soap
 from optax_ext.recipes.spam import spam as spam
 from optax_ext.recipes.spam import stable_spam as stable_spam

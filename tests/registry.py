@@ -144,6 +144,11 @@ RECIPES: list[Entry] = [
         ),
         noop_calls=1,
     ),
+    Entry(
+        "cosmos",
+        optax_ext.cosmos,
+        dict(learning_rate=0.02, lr_ratio=1.0, subspace=optax_ext.OnlinePCA(rank=2)),
+    ),
     # Adam family, sign methods.
     Entry(
         "spam",

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._types import is_masked, leaves_with_path
+from optax_ext._types import is_masked, leaf_error, leaves_with_path
 from optax_ext.kernels.matricize import bucket_apply
+from optax_ext.kernels.newton_schulz import NewtonSchulz
+from optax_ext.primitives._matrices import MatrixLeaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,5 +313,235 @@ def scale_by_soap(
             gg=rebuild([tuple(g) for g in new_gg], state.gg),
             q=rebuild([tuple(q) for q in new_q], state.q),
         )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlinePCA:
+    """COSMOS's input-side basis: rank-``rank`` online PCA of ``G^T G`` (static spec).
+
+    Attributes:
+      rank: basis size ``r`` (must not exceed the fan-in size). Default 64.
+    """
+
+    rank: int = 64
+
+
+class ScaleByCosmosState(NamedTuple):
+    """State of :func:`scale_by_cosmos` (per matrix leaf, PyTorch orientation ``m = fan_out``).
+
+    Attributes:
+      count: number of steps so far (int32).
+      mu: sum-form momentum ``M`` (param-shaped).
+      nu: second moment of ``G P``, ``(*batch, fan_out, r)``.
+      basis: ``P``, ``(*batch, fan_in, r)``.
+      gram: ``S``, the projected Gram EMA, ``(*batch, r, r)``.
+    """
+
+    count: chex.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    basis: optax.Updates
+    gram: optax.Updates
+
+
+def scale_by_cosmos(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    subspace: OnlinePCA = OnlinePCA(rank=64),
+    gamma: float = 0.2,
+    nesterov: bool = True,
+    use_momentum_without_nesterov: bool = False,
+    ns: Any = None,
+    specs: Any = None,
+) -> optax.GradientTransformation:
+    """COSMOS's direction: SOAP-like Adam on a leading input subspace, Muon on the rest.
+
+    Algorithm (PyTorch orientation: ``G`` is ``(fan_out, fan_in) = (m, n)``; ``t`` 1-based)::
+
+        M <- b1 M + G;   c1 = (1 - b1^t)/(1 - b1);   c2 = 1 - b2^t
+        t = 1:  P <- top-r left singular vectors of G^T G;  S <- (1 - b2) (G P)^T (G P)
+        t > 1:  P <- qr(b2 P S + (1 - b2) G^T G P).Q;  T = P_old^T P
+                S <- b2 T^T S T + (1 - b2) (G P)^T (G P)
+        V <- b2 V + (1 - b2) (G P)^2
+        U = (G + b1 M) / (1 + b1 c1)            (nesterov; else G / c1, the code's branch)
+        A = ((U P) / (sqrt(V)/sqrt(c2) + eps)) P^T
+        O = NS5(U - U P P^T);   O <- sqrt(mn) O / (||O|| + eps)
+        D = A + gamma O;   u = sqrt(mn) D / (||D|| + eps)
+
+    Args:
+      b1, b2, eps: Defaults 0.9, 0.999, 1e-8 (class; README: 0.95, 0.95).
+      subspace: :class:`OnlinePCA` with the rank (default 64). The basis spans the fan-in side
+        of a flax ``(in, out)`` kernel (the PyTorch input dimension), always.
+      gamma: weight of the Muon part. Default 0.2.
+      nesterov: Default True.
+      use_momentum_without_nesterov: with ``nesterov=False`` the reference ignores the momentum
+        (``U = G / c1``); True uses ``U = M / c1`` instead. Default False (= code).
+      ns: the Newton-Schulz spec; default Muon's bf16 quintic.
+      specs: which axes are fan-in/fan-out.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`ScaleByCosmosState`. Every matrix update
+      has RMS exactly 1 (Frobenius norm ``sqrt(mn)``).
+
+    Raises:
+      ValueError: in ``init`` for a leaf with ``ndim < 2`` or a rank above its fan-in size.
+
+    References:
+      Liu et al., 2025, "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of
+      LLMs", arXiv 2502.17410; code: github.com/lliu606/COSMOS (``COSMOS_optim.py`` at 61de180).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_cosmos(subspace=optax_ext.OnlinePCA(rank=2))
+      >>> g = {"w": jnp.arange(12.0).reshape(4, 3) / 10}
+      >>> u, s = tx.update(g, tx.init(g))
+      >>> s.basis["w"].shape, round(float(jnp.sqrt(jnp.mean(u["w"] ** 2))), 4)
+      ((4, 2), 1.0)
+    """
+    ns = NewtonSchulz.muon() if ns is None else ns
+    r = subspace.rank
+    who = "scale_by_cosmos"
+    hp = jax.lax.Precision.HIGHEST
+    mm = lambda a, b: jnp.matmul(a, b, precision=hp)  # noqa: E731
+    tr = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
+
+    def check(leaves):
+        for path, (_, n_in, _) in zip(leaves.paths(), leaves.matrix_shapes()):
+            if r > n_in:
+                raise leaf_error(path, (n_in,), f"COSMOS rank {r} exceeds the fan-in size {n_in}")
+
+    def init_fn(params):
+        leaves = MatrixLeaves(params, specs, who)
+        check(leaves)
+        shapes = leaves.matrix_shapes()
+        dts = [x.dtype for x in leaves.leaves(params)]
+        nu = [jnp.zeros((b, m_out, r), d) for (b, _, m_out), d in zip(shapes, dts)]
+        basis = [jnp.zeros((b, n_in, r), d) for (b, n_in, _), d in zip(shapes, dts)]
+        gram = [jnp.zeros((b, r, r), jnp.float32) for b, _, _ in shapes]
+        return ScaleByCosmosState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params),
+            nu=leaves.stored(nu, params),
+            basis=leaves.stored(basis, params),
+            gram=leaves.stored(gram, params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = MatrixLeaves(updates, specs, who)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        first = state.count == 0
+        c1 = (1 - b1**t) / (1 - b1)
+        c2 = 1 - b2**t
+        mu = jax.tree.map(lambda g, m: b1 * m + g, updates, state.mu)
+        outs, nus, bases, grams = [], [], [], []
+        for g, m, v, p_old, s_old in zip(
+            leaves.views(updates),
+            leaves.views(mu),
+            leaves.unstored(state.nu),
+            leaves.unstored(state.basis),
+            leaves.unstored(state.gram),
+        ):
+            dtype = g.dtype
+            g, m = tr(g.astype(jnp.float32)), tr(m.astype(jnp.float32))  # torch (m, n)
+            p_old, v = p_old.astype(jnp.float32), v.astype(jnp.float32)
+            gtg = mm(tr(g), g)
+
+            def init_basis(g=g, gtg=gtg):
+                u, _, _ = jnp.linalg.svd(gtg, full_matrices=False)
+                p = u[..., :r]
+                gp = mm(g, p)
+                return p, (1 - b2) * mm(tr(gp), gp)
+
+            def track_basis(g=g, gtg=gtg, p_old=p_old, s_old=s_old):
+                p_hat = b2 * mm(p_old, s_old) + (1 - b2) * mm(gtg, p_old)
+                p, _ = jnp.linalg.qr(p_hat)
+                tt = mm(tr(p_old), p)
+                gp = mm(g, p)
+                return p, b2 * mm(mm(tr(tt), s_old), tt) + (1 - b2) * mm(tr(gp), gp)
+
+            p, s = jax.lax.cond(first, init_basis, track_basis)
+            gp = mm(g, p)
+            v = b2 * v + (1 - b2) * gp * gp
+            if nesterov:
+                u = (g + b1 * m) / (1 + b1 * c1)
+            else:
+                u = (m if use_momentum_without_nesterov else g) / c1
+            up = mm(u, p)
+            a = mm(up / (jnp.sqrt(v) / jnp.sqrt(c2) + eps), tr(p))
+            size = (g.shape[-2] * g.shape[-1]) ** 0.5
+            fro = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))  # noqa: E731
+            o = ns.apply(u - mm(up, tr(p))).astype(jnp.float32)
+            o = size * o / (fro(o) + eps)
+            d = a + gamma * o
+            d = size * d / (fro(d) + eps)
+            outs.append(tr(d).astype(dtype))
+            nus.append(v.astype(dtype))
+            bases.append(p.astype(dtype))
+            grams.append(s)
+        return leaves.restore(outs, like=updates), ScaleByCosmosState(
+            count=count,
+            mu=mu,
+            nu=leaves.stored(nus, like=updates),
+            basis=leaves.stored(bases, like=updates),
+            gram=leaves.stored(grams, like=updates),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByCosmosAdamState(NamedTuple):
+    """State of :func:`scale_by_cosmos_adam`: ``count``, ``mu``, ``nu``."""
+
+    count: chex.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_cosmos_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """The Adam that COSMOS's reference code runs on non-matrix tensors, constants included.
+
+    Algorithm::
+
+        m <- b1 m + 0.1 g;   v <- b2 v + (1 - b2) g^2
+        u = m / (1 - 0.9^t) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    The hard-coded 0.1 and 0.9 make it a consistent Adam only for ``b1 = 0.9``; kept for
+    fidelity with ``COSMOS_optim.py`` (61de180). Use a standard Adam for anything else.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_ext
+      >>> tx = optax_ext.scale_by_cosmos_adam(0.9, 0.999)
+      >>> round(float(tx.update(jnp.ones(1), tx.init(jnp.zeros(1)))[0][0]), 4)
+      1.0
+    """
+
+    def init_fn(params):
+        return ScaleByCosmosAdamState(
+            jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: b1 * m + 0.1 * g, updates, state.mu)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        out = jax.tree.map(
+            lambda m, v, g: (m / (1 - 0.9**t) / (jnp.sqrt(v) / jnp.sqrt(1 - b2**t) + eps)).astype(
+                g.dtype
+            ),
+            mu,
+            nu,
+            updates,
+        )
+        return out, ScaleByCosmosAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
