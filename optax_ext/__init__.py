@@ -23,6 +23,10 @@ from optax_ext.primitives.elementwise import scale_by_adabelief as scale_by_adab
 from optax_ext.primitives.elementwise import scale_by_exadam as scale_by_exadam
 from optax_ext.primitives.elementwise import scale_by_lion as scale_by_lion
 from optax_ext.primitives.elementwise import scale_by_sgd_sai as scale_by_sgd_sai
+from optax_ext.primitives.hessian import ScaleByAdaHessianState as ScaleByAdaHessianState
+from optax_ext.primitives.hessian import ScaleBySophiaState as ScaleBySophiaState
+from optax_ext.primitives.hessian import scale_by_adahessian as scale_by_adahessian
+from optax_ext.primitives.hessian import scale_by_sophia as scale_by_sophia
 from optax_ext.primitives.moments import MomentumState as MomentumState
 from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
 from optax_ext.primitives.moments import ScaleByBiasCorrectionState as ScaleByBiasCorrectionState
@@ -106,10 +110,12 @@ from optax_ext.recipes.normuon import normuon as normuon
 from optax_ext.recipes.root import root as root
 from optax_ext.recipes.schedules import rex_schedule as rex_schedule
 from optax_ext.recipes.soap import soap as soap
-from optax_ext.recipes.spam import spam as spam
-from optax_ext.recipes.spam import stable_spam as stable_spam
 
 # Recipes: second order (Hessian estimates).
+from optax_ext.recipes.sophia import adahessian as adahessian
+from optax_ext.recipes.sophia import sophia as sophia
+from optax_ext.recipes.spam import spam as spam
+from optax_ext.recipes.spam import stable_spam as stable_spam
 
 # State compression (block-wise quantized states).
 

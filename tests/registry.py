@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import optax_ext
@@ -26,6 +28,12 @@ class Entry:
     extra_args: Callable[[int, Any, Any], dict[str, Any]] | None = None
     descent_steps: int = 20
     noop_calls: int = 0  # leading calls that only build state (SOAP, 1-bit Adam)
+
+
+def _identity_hessian(step, params, grads):
+    """Hessian-diagonal extra argument for the quadratic of the convention checks."""
+    del step, grads
+    return {"hessian": jax.tree.map(jnp.ones_like, params)}
 
 
 def _hidden_chain(hidden: Callable[[Any], optax.GradientTransformation]):
@@ -168,7 +176,22 @@ RECIPES: list[Entry] = [
     Entry("perp_adamw", optax_ext.perp_adamw, dict(learning_rate=0.01)),
     Entry("exadam", optax_ext.exadam, dict(learning_rate=3e-3)),
     Entry("sgd_sai", optax_ext.sgd_sai, dict(learning_rate=1e-3, weight_decay=0.0)),
-    # Second order.
+    # Second order: the convention problem 0.5 ||p - target||^2 has Hessian I.
+    Entry(
+        "sophia",
+        optax_ext.sophia,
+        dict(learning_rate=0.01, update_every=2, batch_size=1.0, weight_decay=0.0),
+        extra_args=_identity_hessian,
+    ),
+    Entry(
+        "sophia:hutchinson",
+        optax_ext.sophia,
+        dict(learning_rate=0.01, update_every=2, variant="h", weight_decay=0.0),
+        extra_args=_identity_hessian,
+    ),
+    Entry(
+        "adahessian", optax_ext.adahessian, dict(learning_rate=0.01), extra_args=_identity_hessian
+    ),
     # State compression.
     # Communication compression and constraints.
 ]

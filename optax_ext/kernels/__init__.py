@@ -3,6 +3,11 @@
 Kernels know nothing about optax or state; every one is jit-safe and batched over leading axes.
 """
 
+from optax_ext.kernels.hessian import gauss_newton_bartlett as gauss_newton_bartlett
+from optax_ext.kernels.hessian import hessian_vector_product as hessian_vector_product
+from optax_ext.kernels.hessian import hutchinson as hutchinson
+from optax_ext.kernels.hessian import random_probe as random_probe
+from optax_ext.kernels.hessian import spatial_average as spatial_average
 from optax_ext.kernels.matricize import batch_shape as batch_shape
 from optax_ext.kernels.matricize import bucket_apply as bucket_apply
 from optax_ext.kernels.matricize import matricize as matricize
