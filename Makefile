@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 ## make test: set up .venv and run the whole test suite (CPU).
 test: $(STAMP)
-	$(PY) -m pytest tests --doctest-modules optax_ext
+	$(PY) -m pytest -n 2 --dist loadgroup tests --doctest-modules optax_ext models
 
 ## make demo: set up .venv and run the main job on the embedded corpus (CPU, < 10 minutes).
 demo: $(STAMP)

@@ -8,7 +8,7 @@ so an optimizer sees only ``params`` and label rules can match paths. ``apply`` 
 are pure functions of ``(graphdef, params, other, ...)`` that return the updated ``other``.
 
 Example:
-  >>> import jax
+  >>> import jax, jax.numpy as jnp
   >>> from models import make_model
   >>> graphdef, params, other = split_model(make_model("gpt2-tiny"))
   >>> tokens = jnp.zeros((2, 8), jnp.int32)

@@ -177,10 +177,13 @@ def newton_schulz(
         x = (x.astype(jnp.float32) / (norm_scale * norm + eps)).astype(compute)
     else:
         x = x.astype(compute)
+    # Scalars multiply in float32 and round once (as PyTorch does for bf16 tensors): a weak-typed
+    # scalar would first be rounded to the compute dtype (3.4445 -> 3.4375 in bf16).
+    scale = lambda s, t: (s * t.astype(jnp.float32)).astype(compute)  # noqa: E731
     for a, b, c in per_step:
         gram = mm(x, jnp.swapaxes(x, -1, -2))
-        poly = b * gram + c * mm(gram, gram)
-        x = a * x + mm(poly, x)
+        poly = scale(b, gram) + scale(c, mm(gram, gram))
+        x = scale(a, x) + mm(poly, x)
     if swap:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(out_dtype)

@@ -66,7 +66,9 @@ def momentum(
             look = lambda g, m: g + beta * m  # noqa: E731
         out = jax.tree.map(look, updates, mu) if nesterov else mu
         out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
-        return out, MomentumState(mu=optax.tree.cast(mu, mu_dtype))
+        # keep the buffer's dtype (an array-valued beta, e.g. injected, would promote bf16)
+        mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
+        return out, MomentumState(mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -163,9 +165,8 @@ def scale_by_adam(
                 step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
                 out = jax.tree.map(lambda u: u * step, out)
         out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
-        return out, ScaleByAdamState(
-            count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast(nu, nu_dtype)
-        )
+        keep = lambda new, old: jax.tree.map(lambda a, b: a.astype(b.dtype), new, old)  # noqa: E731
+        return out, ScaleByAdamState(count=count, mu=keep(mu, state.mu), nu=keep(nu, state.nu))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
