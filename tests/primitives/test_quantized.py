@@ -69,6 +69,7 @@ def test_update_is_the_inner_update_on_the_dequantized_statistics():
     inner = optax_ext.scale_by_adam()
     tx = optax_ext.quantize_state(inner, Q0)
     state = tx.init(params)
+    update, inner_update = jax.jit(tx.update), jax.jit(inner.update)
     for t in range(3):
         g = _grads(t, params)
         plain_state = optax_ext.ScaleByAdamState(
@@ -76,8 +77,8 @@ def test_update_is_the_inner_update_on_the_dequantized_statistics():
             mu=_dequantized(state.inner_state.mu, True),
             nu=_dequantized(state.inner_state.nu, False),
         )
-        want, fp32 = inner.update(g, plain_state)
-        got, state = tx.update(g, state)
+        want, fp32 = inner_update(g, plain_state)
+        got, state = update(g, state)
         chex.assert_trees_all_equal(got, want)
         # the stored state is the float32 state of this step, rounded to the nearest code
         for name, signed in (("mu", True), ("nu", False)):
@@ -154,7 +155,7 @@ def test_extra_args_are_forwarded():
 
     tx = optax_ext.quantize_state(optax.chain(optax_ext.scale_by_adam(), scale_by_factor()), Q0)
     g = jnp.ones(300)
-    u, _ = tx.update(g, tx.init(g), factor=3.0)
+    u, _ = jax.jit(tx.update)(g, tx.init(g), factor=3.0)
     np.testing.assert_allclose(u, 3.0, rtol=1e-4)
 
 
