@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from optax_ext.kernels.quantize import BlockQuantizer
@@ -32,9 +33,10 @@ def adamw_8bit(
     Algorithm (``t`` the step; per block of 256 entries of each tensor)::
 
         m = S[c1] a1;  v = U[c2] a2                          # dequantize
-        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2     # (m = v = 0 where g is not finite)
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
         W <- W - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
         W <- W (1 - lr wd)                                   # decay after the update
+        where g is not finite: m = v = 0 and W is left unchanged
         a1 = max |m|, a2 = max v;  c1 = nearest(S, m / a1) (+ sign fix), c2 = nearest(U, v / a2)
 
     Args:
@@ -60,17 +62,22 @@ def adamw_8bit(
       https://github.com/bitsandbytes-foundation/bitsandbytes/tree/95f9af309d4d5793847169c39288dcd3fcbdf564
 
     Notes:
+      Not a fused kernel: :func:`~optax_ext.quantize_state` around the AdamW chain already runs
+      the kernel's order (dequantize, update from the unquantized moments of this step, new
+      ``absmax`` from the float32 moments, requantize), and wrapping the learning rate and the
+      decay too makes a non-finite gradient entry leave its weight untouched, as the kernel does.
       Follows the CUDA kernel, not the paper: blocks of 256 (the paper used 2048; bitsandbytes
       >= 0.44), the parameter step uses the unquantized moments of this step, and a negative
       first moment is never stored as 0 (sign fix). The decay multiplies the already-updated
       weights (both ``Adam8bit`` and ``AdamW8bit``). The pure-PyTorch CPU path of bitsandbytes
       decays before the update and has no sign fix and no NaN handling; it is not followed.
-      Tensors with fewer than ``min_size`` entries keep float32 moments with the same order of
-      operations (the reference's 32-bit kernel). Optax computes ``1 - b2`` from the Python
-      float (0.001), the kernel from float32 ``b2`` (0.00099998713): ``v`` and its ``absmax``
-      differ by 1.3e-5 relative, the codes not at all. ``StableEmbedding`` (32-bit states for
-      the embedding) is a model-side choice: route such leaves to
-      ``adamw_8bit(quantizer=BlockQuantizer(min_size=2**62))`` with ``optax.partition``.
+      Tensors with fewer than ``min_size`` entries keep float32 moments (whatever the parameter
+      dtype) with the same order of operations (the reference's 32-bit kernel). Optax computes
+      ``1 - b2`` from the Python float (0.001), the kernel from float32 ``b2`` (0.00099998713):
+      ``v`` and its ``absmax`` differ by 1.3e-5 relative, the codes not at all.
+      ``StableEmbedding`` (32-bit states for the embedding) is a model-side choice: route such
+      leaves to ``adamw_8bit(quantizer=BlockQuantizer(min_size=2**62))`` with
+      ``optax.partition``.
 
     Example:
       >>> import jax.numpy as jnp, optax, optax_ext
@@ -84,7 +91,7 @@ def adamw_8bit(
     """
     return quantize_state(
         optax.chain(
-            scale_by_adam(b1, b2, eps),  # m, v (float32); u = m_hat / (sqrt(v_hat) + eps)
+            scale_by_adam(b1, b2, eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32),  # m, v
             optax.scale_by_learning_rate(learning_rate),  # u <- -lr u
             add_decoupled_weight_decay(weight_decay, learning_rate, mask=mask),  # (W+u)(1-lr wd)
         ),
@@ -158,7 +165,7 @@ def lion_8bit(
       b2: momentum decay. Default 0.99.
       weight_decay: decoupled decay ``wd``, applied to the current weights. Default 0.
       quantizer: :class:`~optax_ext.kernels.BlockQuantizer` (256-entry blocks, ``min_size``
-        4096, sign fix).
+        4096: smaller tensors keep a float32 momentum, sign fix).
       mask: which leaves are decayed (a tree of booleans or ``params -> tree``). Default all.
 
     Returns:
@@ -186,7 +193,9 @@ def lion_8bit(
     """
     return quantize_state(
         optax.chain(
-            optax.scale_by_lion(b1, b2),  # u = sign(b1 m + (1 - b1) g);  m <- b2 m + (1 - b2) g
+            optax.scale_by_lion(
+                b1, b2, jnp.float32
+            ),  # u = sign(b1 m + (1-b1) g); m <- b2 m + (1-b2) g
             optax.scale_by_learning_rate(learning_rate),  # u <- -lr u
             add_decoupled_weight_decay(  # W <- W (1 - lr wd) + u
                 weight_decay, learning_rate, after_update=False, mask=mask

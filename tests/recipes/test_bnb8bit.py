@@ -272,19 +272,22 @@ def test_lion_8bit_matches_numpy_kernel(wd):
 
 def test_bf16_params():
     rng = np.random.default_rng(0)
-    p32 = {"w": jnp.asarray(rng.standard_normal((64, 80)), jnp.float32)}
+    shapes = {"w": (64, 80), "b": (80,)}  # w quantized, b below min_size
+    p32 = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
     tx = optax_ext.adamw_8bit(1e-2)
     s32, s16 = tx.init(p32), tx.init(p16)
     update = jax.jit(tx.update)
     for _ in range(3):
-        g = {"w": jnp.asarray(rng.standard_normal((64, 80)), jnp.float32)}
+        g = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
         u32, s32 = update(g, s32, p32)
         u16, s16 = update(jax.tree.map(lambda x: x.astype(jnp.bfloat16), g), s16, p16)
-        assert u16["w"].dtype == jnp.bfloat16
-        assert optax.tree.get(s16, "mu")["w"].codes.dtype == jnp.uint8
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(u16))
+        mu = optax.tree.get(s16, "mu")
+        assert mu["w"].codes.dtype == jnp.uint8 and mu["b"].dtype == jnp.float32  # as bnb
         p32, p16 = optax.apply_updates(p32, u32), optax.apply_updates(p16, u16)
-    np.testing.assert_allclose(p16["w"].astype(jnp.float32), p32["w"], atol=0.02, rtol=0.01)
+    for k in shapes:
+        np.testing.assert_allclose(p16[k].astype(jnp.float32), p32[k], atol=0.02, rtol=0.01)
 
 
 def _mlp_loss_curves(make_txs, steps=200):
