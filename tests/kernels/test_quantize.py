@@ -45,6 +45,10 @@ def test_dynamic_map_other_widths_and_bad_settings():
     m = np.asarray(dynamic_map(True, max_exponent_bits=3, total_bits=4))
     assert m.shape == (16,) and m[7] == 0.0 and m[-1] == 1.0 and np.all(np.diff(m) > 0)
     assert np.asarray(BlockQuantizer(bits=4).code(False)).shape == (16,)
+    codes, absmax = quantize_blockwise(jnp.linspace(-1.0, 1.0, 33), jnp.asarray(m), block_size=8)
+    assert int(codes.max()) == 15 and int(codes.min()) == 0  # indices into the 16 values
+    deq = dequantize_blockwise(codes, absmax, jnp.asarray(m), block_size=8)
+    assert float(jnp.abs(deq - jnp.linspace(-1.0, 1.0, 33)).max()) < 0.25
     with pytest.raises(ValueError, match="max_exponent_bits"):
         dynamic_map(True, max_exponent_bits=8, total_bits=8)
     for bad in (dict(bits=9), dict(block_size=0), dict(min_size=-1)):
