@@ -118,6 +118,15 @@ from optax_ext.recipes.spam import spam as spam
 from optax_ext.recipes.spam import stable_spam as stable_spam
 
 # State compression (block-wise quantized states).
+# isort: split
+from optax_ext.kernels.quantize import BlockQuantizer as BlockQuantizer
+from optax_ext.memory import state_nbytes as state_nbytes
+from optax_ext.primitives.quantized import QuantizedArray as QuantizedArray
+from optax_ext.primitives.quantized import QuantizeStateState as QuantizeStateState
+from optax_ext.primitives.quantized import quantize_state as quantize_state
+from optax_ext.recipes.bnb8bit import adam_8bit as adam_8bit
+from optax_ext.recipes.bnb8bit import adamw_8bit as adamw_8bit
+from optax_ext.recipes.bnb8bit import lion_8bit as lion_8bit
 
 # Communication compression and weight constraints.
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_ext
-from optax_ext.kernels import NewtonSchulz, RandomProjector, SVDProjector
+from optax_ext.kernels import BlockQuantizer, NewtonSchulz, RandomProjector, SVDProjector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,5 +193,17 @@ RECIPES: list[Entry] = [
         "adahessian", optax_ext.adahessian, dict(learning_rate=0.01), extra_args=_identity_hessian
     ),
     # State compression.
+    Entry(
+        "adamw_8bit(min_size=0)",
+        optax_ext.adamw_8bit,
+        dict(learning_rate=0.01, quantizer=BlockQuantizer(min_size=0)),
+    ),
+    Entry("adamw_8bit", optax_ext.adamw_8bit, dict(learning_rate=0.01)),
+    Entry(
+        "lion_8bit(min_size=0)",
+        optax_ext.lion_8bit,
+        dict(learning_rate=0.005, quantizer=BlockQuantizer(min_size=0)),
+    ),
+    Entry("lion_8bit", optax_ext.lion_8bit, dict(learning_rate=0.005)),
     # Communication compression and constraints.
 ]

@@ -1,4 +1,5 @@
-"""Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views.
+"""Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views,
+block-wise quantization.
 
 Kernels know nothing about optax or state; every one is jit-safe and batched over leading axes.
 """
@@ -38,3 +39,7 @@ from optax_ext.kernels.projections import project_back as project_back
 from optax_ext.kernels.projections import projected_axis as projected_axis
 from optax_ext.kernels.projections import random_basis as random_basis
 from optax_ext.kernels.projections import svd_basis as svd_basis
+from optax_ext.kernels.quantize import BlockQuantizer as BlockQuantizer
+from optax_ext.kernels.quantize import dequantize_blockwise as dequantize_blockwise
+from optax_ext.kernels.quantize import dynamic_map as dynamic_map
+from optax_ext.kernels.quantize import quantize_blockwise as quantize_blockwise
