@@ -101,7 +101,8 @@ class LabelRule:
 DEFAULT_RULE = LabelRule()
 
 
-def _map(fn: Callable[[KeyPath, Any], Any], params: Any) -> Any:
+def map_with_path(fn: Callable[[KeyPath, Any], Any], params: Any) -> Any:
+    """Maps ``fn(path, leaf)`` over ``params``; None and MaskedNode leaves pass through."""
     return jax.tree_util.tree_map_with_path(
         lambda p, x: x if is_masked(x) else fn(p, x), params, is_leaf=is_masked
     )
@@ -136,12 +137,12 @@ def param_labels(
     """
     if overrides:
         rule = dataclasses.replace(rule, overrides=tuple(overrides.items()) + rule.overrides)
-    return _map(rule.label, params)
+    return map_with_path(rule.label, params)
 
 
 def hidden_matrices(params: Any, *, rule: LabelRule = DEFAULT_RULE) -> Any:
     """Two-way labels for recipes: ``"hidden"`` for hidden matrices, ``"other"`` for the rest."""
-    return _map(lambda p, x: HIDDEN if rule.label(p, x) == HIDDEN else "other", params)
+    return map_with_path(lambda p, x: HIDDEN if rule.label(p, x) == HIDDEN else "other", params)
 
 
 def label_fn(
@@ -160,7 +161,9 @@ def label_fn(
       A function ``params -> tree of group names``.
     """
     mapping = dict(mapping or {})
-    return lambda params: _map(lambda p, x: mapping.get(rule.label(p, x), rule.label(p, x)), params)
+    return lambda params: map_with_path(
+        lambda p, x: mapping.get(rule.label(p, x), rule.label(p, x)), params
+    )
 
 
 def matrix_specs(rule: LabelRule = DEFAULT_RULE) -> Callable[[KeyPath, Any], MatrixSpec]:

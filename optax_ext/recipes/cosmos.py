@@ -29,7 +29,7 @@ def cosmos_labels(params: Any, *, max_dim: int = 10000) -> Any:
         spec = labels.DEFAULT_RULE.matrix_spec(path, x)
         return labels.HIDDEN if matrix_shape(jnp.shape(x), spec)[2] <= max_dim else "other"
 
-    return labels._map(label, params)
+    return labels.map_with_path(label, params)
 
 
 def cosmos(
