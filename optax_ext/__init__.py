@@ -15,6 +15,11 @@ from optax_ext.kernels.projections import RandomProjector as RandomProjector
 from optax_ext.kernels.projections import SVDProjector as SVDProjector
 
 # Primitives.
+from optax_ext.primitives.communication import (
+    ScaleByOnebitAdamState as ScaleByOnebitAdamState,
+)
+from optax_ext.primitives.communication import per_device_state_specs as per_device_state_specs
+from optax_ext.primitives.communication import scale_by_onebit_adam as scale_by_onebit_adam
 from optax_ext.primitives.moments import MomentumState as MomentumState
 from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
 from optax_ext.primitives.moments import momentum as momentum
@@ -39,17 +44,12 @@ from optax_ext.primitives.weight_decay import (
 )
 
 # Recipes: orthogonalized momentum (Muon family).
-
 # Recipes: low-rank and rotated projections (GaLore family, Conda).
-
 # Recipes: Shampoo-like preconditioners (SOAP, COSMOS).
-
 # Recipes: Adam family, sign methods and schedules.
-
 # Recipes: second order (Hessian estimates).
-
 # State compression (block-wise quantized states).
-
 # Communication compression and weight constraints.
+from optax_ext.recipes.onebit_adam import onebit_adam as onebit_adam
 
 __version__ = "0.1.0"
