@@ -111,4 +111,10 @@ RECIPES: list[Entry] = [
     # Second order.
     # State compression.
     # Communication compression and constraints.
+    Entry(
+        "onebit_adam",
+        optax_ext.onebit_adam,
+        # skip_first_step=False: the MultiSteps check expects the first applied step to move
+        dict(learning_rate=0.01, freeze_step=3, axis_name=None, skip_first_step=False),
+    ),
 ]

@@ -59,6 +59,7 @@ def scale_by_onebit_adam(
     freeze_step: int = 100000,
     axis_name: Any = "data",
     momentum_mask: Any = None,
+    skip_first_step: bool = True,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -91,6 +92,9 @@ def scale_by_onebit_adam(
       momentum_mask: optional param-shaped tree of 0/1 arrays multiplied into ``m`` after each
         compressed step (the reference's ``exp_avg_mask``, for entries whose momentum is
         always exactly zero, which 1-bit compression cannot represent). Default None.
+      skip_first_step: make the first call the reference's initialization call (no change,
+        but counted). False: the first call is already a warm-up step (the phases keep their
+        step numbers). Default True.
       mu_dtype: dtype of ``m``; default the parameter dtype. Error buffers are float32.
       nu_dtype: dtype of ``v``; default the parameter dtype.
 
@@ -179,7 +183,8 @@ def scale_by_onebit_adam(
             return mu, nu, we, se, direction(mu, nu, f32(params))
 
         step = state.count + 1
-        phase = jnp.where(state.count == 0, 0, jnp.where(step <= jnp.maximum(freeze_step, 2), 1, 2))
+        warm = jnp.where(step <= jnp.maximum(freeze_step, 2), 1, 2)
+        phase = jnp.where(state.count == 0, 0, warm) if skip_first_step else warm
         operands = (f32(state.mu), f32(state.nu), state.worker_error, state.server_error)
         mu, nu, we, se, out = jax.lax.switch(phase, (init_call, warmup, compressed), *operands)
         out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)

@@ -19,6 +19,7 @@ def onebit_adam(
     freeze_step: int = 100000,
     axis_name: Any = "data",
     momentum_mask: Any = None,
+    skip_first_step: bool = True,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """1-bit Adam (Tang et al., 2021): Adam warm-up, then frozen ``v`` and 1-bit momentum sync.
@@ -65,6 +66,9 @@ def onebit_adam(
       axis_name: the data-parallel axis name, or None for one worker. Default ``"data"``.
       momentum_mask: optional param-shaped 0/1 tree multiplied into ``m`` after each compressed
         step (the reference's ``exp_avg_mask``). Default None.
+      skip_first_step: the first call is the reference's initialization call (no update;
+        its batch is effectively discarded). False starts warm-up at the first call. Default
+        True.
       mu_dtype: dtype of ``m`` and ``v``; default the parameter dtype.
 
     Returns:
@@ -128,6 +132,7 @@ def onebit_adam(
             freeze_step=freeze_step,
             axis_name=axis_name,
             momentum_mask=momentum_mask,
+            skip_first_step=skip_first_step,
             mu_dtype=mu_dtype,
             nu_dtype=mu_dtype,
         ),
