@@ -20,6 +20,12 @@ from optax_ext.primitives.communication import (
 )
 from optax_ext.primitives.communication import per_device_state_specs as per_device_state_specs
 from optax_ext.primitives.communication import scale_by_onebit_adam as scale_by_onebit_adam
+from optax_ext.primitives.constraints import (
+    ConstrainSpectralNormState as ConstrainSpectralNormState,
+)
+from optax_ext.primitives.constraints import constrain_spectral_norm as constrain_spectral_norm
+from optax_ext.primitives.constraints import constrain_token_rms as constrain_token_rms
+from optax_ext.primitives.constraints import normalize_token_rms as normalize_token_rms
 from optax_ext.primitives.moments import MomentumState as MomentumState
 from optax_ext.primitives.moments import ScaleByAdamState as ScaleByAdamState
 from optax_ext.primitives.moments import momentum as momentum
@@ -50,6 +56,9 @@ from optax_ext.primitives.weight_decay import (
 # Recipes: second order (Hessian estimates).
 # State compression (block-wise quantized states).
 # Communication compression and weight constraints.
+from optax_ext.recipes.lipschitz_muon import layer_norms as layer_norms
+from optax_ext.recipes.lipschitz_muon import lipschitz_bound as lipschitz_bound
+from optax_ext.recipes.lipschitz_muon import lipschitz_muon as lipschitz_muon
 from optax_ext.recipes.onebit_adam import onebit_adam as onebit_adam
 
 __version__ = "0.1.0"

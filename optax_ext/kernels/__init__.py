@@ -1,8 +1,14 @@
-"""Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views.
+"""Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views,
+spectral caps and 1-bit compressed all-reduce.
 
 Kernels know nothing about optax or state; every one is jit-safe and batched over leading axes.
 """
 
+from optax_ext.kernels.communication import collective_traffic as collective_traffic
+from optax_ext.kernels.communication import compressed_allreduce as compressed_allreduce
+from optax_ext.kernels.communication import pack_signs as pack_signs
+from optax_ext.kernels.communication import padded_size as padded_size
+from optax_ext.kernels.communication import unpack_signs as unpack_signs
 from optax_ext.kernels.matricize import batch_shape as batch_shape
 from optax_ext.kernels.matricize import bucket_apply as bucket_apply
 from optax_ext.kernels.matricize import matricize as matricize
@@ -33,3 +39,13 @@ from optax_ext.kernels.projections import project_back as project_back
 from optax_ext.kernels.projections import projected_axis as projected_axis
 from optax_ext.kernels.projections import random_basis as random_basis
 from optax_ext.kernels.projections import svd_basis as svd_basis
+from optax_ext.kernels.spectral import LIPSCHITZ_ORTHO as LIPSCHITZ_ORTHO
+from optax_ext.kernels.spectral import power_iteration as power_iteration
+from optax_ext.kernels.spectral import rms_cap as rms_cap
+from optax_ext.kernels.spectral import soft_cap_coupling as soft_cap_coupling
+from optax_ext.kernels.spectral import spectral_hammer as spectral_hammer
+from optax_ext.kernels.spectral import spectral_hard_cap as spectral_hard_cap
+from optax_ext.kernels.spectral import spectral_normalize as spectral_normalize
+from optax_ext.kernels.spectral import spectral_soft_cap as spectral_soft_cap
+from optax_ext.kernels.spectral import spectral_weight_decay as spectral_weight_decay
+from optax_ext.kernels.spectral import svd_cap as svd_cap
