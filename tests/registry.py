@@ -117,4 +117,5 @@ RECIPES: list[Entry] = [
         # skip_first_step=False: the MultiSteps check expects the first applied step to move
         dict(learning_rate=0.01, freeze_step=3, axis_name=None, skip_first_step=False),
     ),
+    Entry("lipschitz_muon", optax_ext.lipschitz_muon, dict(learning_rate=0.02, w_max=1.0)),
 ]

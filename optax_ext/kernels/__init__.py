@@ -40,6 +40,7 @@ from optax_ext.kernels.projections import projected_axis as projected_axis
 from optax_ext.kernels.projections import random_basis as random_basis
 from optax_ext.kernels.projections import svd_basis as svd_basis
 from optax_ext.kernels.spectral import LIPSCHITZ_ORTHO as LIPSCHITZ_ORTHO
+from optax_ext.kernels.spectral import lipschitz_orthogonalize as lipschitz_orthogonalize
 from optax_ext.kernels.spectral import power_iteration as power_iteration
 from optax_ext.kernels.spectral import rms_cap as rms_cap
 from optax_ext.kernels.spectral import soft_cap_coupling as soft_cap_coupling

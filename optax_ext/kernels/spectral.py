@@ -11,8 +11,8 @@ say so. ``sigma`` below is the largest singular value.
 - :func:`spectral_hard_cap` (four quintics, ``s -> ~min(1, s)``), :func:`spectral_soft_cap`
   (``s -> s' + alpha s'^3`` with ``s' = s - alpha s^3``) with :func:`soft_cap_coupling`;
 - :func:`svd_cap` (exact clip of the singular values, the reference's ``pure_svd``);
-- :data:`LIPSCHITZ_ORTHO`: the reference's six-step orthogonalization (a
-  :class:`~optax_ext.kernels.NewtonSchulz` spec);
+- :func:`lipschitz_orthogonalize`: the reference's six-step orthogonalization (also as the
+  :class:`~optax_ext.kernels.NewtonSchulz` spec :data:`LIPSCHITZ_ORTHO`);
 - :func:`rms_cap`: per-vector RMS cap of embedding tables.
 """
 
@@ -29,8 +29,18 @@ from optax_ext.kernels.newton_schulz import (
 )
 
 LIPSCHITZ_ORTHO = NewtonSchulz(steps=6, coeffs=LIPSCHITZ_ORTHO_COEFFS, eps=1e-12, dtype=None)
-"""``modula.atom.orthogonalize``: ``M / (||M||_F + 1e-12)``, then six per-step quintics, in the
-input dtype (the reference's docstring says bfloat16; its code does not cast)."""
+"""``modula.atom.orthogonalize`` as a spec for :func:`optax_ext.orthogonalize`:
+``M / (||M||_F + 1e-12)``, then six per-step quintics, in the input dtype (the reference's
+docstring says bfloat16; its code does not cast)."""
+
+
+def lipschitz_orthogonalize(x: jax.Array) -> jax.Array:
+    """The reference's ``orthogonalize`` on ``(..., m, n)`` (:data:`LIPSCHITZ_ORTHO`): every
+    singular value of the Frobenius-normalised input is driven to about 1 (0.9993 for the
+    golden's inputs); input dtype kept."""
+    return newton_schulz(
+        x, steps=6, coeffs=LIPSCHITZ_ORTHO_COEFFS, eps=1e-12, normalize=True, dtype=None
+    )
 
 
 def _work(x: jax.Array) -> jax.Array:

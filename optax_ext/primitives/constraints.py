@@ -68,10 +68,10 @@ def constrain_spectral_norm(
 
         s = sqrt(fan_out / fan_in)  (* w_max for orthogonal, hard_cap, spec_normalize)
         eta = lr * target_norm;  alpha = soft_cap_coupling(w_max, wd * eta, eta / s)
-        W_new = s * P((W + u) / s)
+        W_new = s * P((W + u) / s)        (computed as (W + u) + s (P(x) - x), x = (W + u) / s)
 
     with ``P`` one of (:mod:`optax_ext.kernels.spectral`): ``"orthogonal"`` (all singular values
-    -> 1, :data:`~optax_ext.kernels.spectral.LIPSCHITZ_ORTHO`), ``"hard_cap"`` (``~min(1, s)``),
+    -> 1, ``lipschitz_orthogonalize``), ``"hard_cap"`` (``~min(1, s)``),
     ``"soft_cap"`` (``alpha`` as above: ``k = w_max (1 - wd eta) + eta / s`` maps to ``w_max``),
     ``"pure_svd"`` (exact clip at ``w_max``), ``"spec_hammer"`` (top singular value set to
     ``w_max``), ``"spec_wd"`` (top singular value shrunk by ``1 - spectral_wd``),
@@ -138,7 +138,7 @@ def constrain_spectral_norm(
         s = scale * w_max if sensitive else scale
         x = ref / s
         if method == "orthogonal":
-            p = spectral.LIPSCHITZ_ORTHO(x)
+            p = spectral.lipschitz_orthogonalize(x)
         elif method == "hard_cap":
             p = spectral.spectral_hard_cap(x)
         elif method == "soft_cap":
@@ -154,7 +154,8 @@ def constrain_spectral_norm(
             p = spectral.spectral_normalize(x, key, steps=power_steps)
         else:
             p = x
-        return jnp.swapaxes(s * p, -1, -2)
+        # s P(x) written as W + s (P(x) - x): identity maps (soft cap at alpha = 0) are exact
+        return view + jnp.swapaxes(s * (p - x), -1, -2)
 
     def init_fn(params):
         if params is not None:

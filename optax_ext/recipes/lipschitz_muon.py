@@ -38,7 +38,7 @@ def lipschitz_muon(
     spectral_wd: float = 0.0,
     max_inflation: float = 16.0,
     head: str = "matrix",
-    ns: NewtonSchulz = LIPSCHITZ_ORTHO,
+    ns: NewtonSchulz | None = None,
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
     param_labels: Any | Callable[[Any], Any] | None = None,
     specs: SpecLike = None,
@@ -78,7 +78,7 @@ def lipschitz_muon(
       head: ``"matrix"`` (the output head is a hidden-style ``Linear``, the Shakespeare config's
         ``use_unembed=False``) or ``"tokens"`` (the reference's ``Unembed``: per-token RMS
         treatment along the head kernel's fan-in axis).
-      ns: orthogonalization; default the reference's six-step iteration
+      ns: orthogonalization spec; default (None) the reference's six-step iteration
         (:data:`optax_ext.kernels.spectral.LIPSCHITZ_ORTHO`).
       adam_learning_rate: lr of the AdamW used for vectors. Default 3e-4.
       param_labels: a tree or function giving ``labels.param_labels``-style labels
@@ -129,7 +129,7 @@ def lipschitz_muon(
     def matrices():
         return optax.chain(
             momentum(beta),  # B <- beta B + (1 - beta) G
-            orthogonalize(ns, specs=specs),  # O(B), in the (fan_in, fan_out) view
+            orthogonalize(ns or LIPSCHITZ_ORTHO, specs=specs),  # O(B), (fan_in, fan_out) view
             scale_by_shape("sqrt_fan_out_over_fan_in_plain", specs=specs),  # * sqrt(fo/fi)
             optax.scale(target_norm),  # D = O(B) sqrt(fan_out/fan_in) t
             optax.scale_by_learning_rate(learning_rate),  # -lr D
