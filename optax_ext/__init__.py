@@ -13,6 +13,17 @@ from optax_ext.kernels.newton_schulz import NewtonSchulz as NewtonSchulz
 from optax_ext.kernels.newton_schulz import PolarSVD as PolarSVD
 from optax_ext.kernels.projections import RandomProjector as RandomProjector
 from optax_ext.kernels.projections import SVDProjector as SVDProjector
+from optax_ext.primitives.communication import (
+    ScaleByOnebitAdamState as ScaleByOnebitAdamState,
+)
+from optax_ext.primitives.communication import per_device_state_specs as per_device_state_specs
+from optax_ext.primitives.communication import scale_by_onebit_adam as scale_by_onebit_adam
+from optax_ext.primitives.constraints import (
+    ConstrainSpectralNormState as ConstrainSpectralNormState,
+)
+from optax_ext.primitives.constraints import constrain_spectral_norm as constrain_spectral_norm
+from optax_ext.primitives.constraints import constrain_token_rms as constrain_token_rms
+from optax_ext.primitives.constraints import normalize_token_rms as normalize_token_rms
 
 # Primitives.
 from optax_ext.primitives.elementwise import ScaleByAdaBeliefState as ScaleByAdaBeliefState
@@ -129,5 +140,9 @@ from optax_ext.recipes.bnb8bit import adamw_8bit as adamw_8bit
 from optax_ext.recipes.bnb8bit import lion_8bit as lion_8bit
 
 # Communication compression and weight constraints.
+from optax_ext.recipes.lipschitz_muon import layer_norms as layer_norms
+from optax_ext.recipes.lipschitz_muon import lipschitz_bound as lipschitz_bound
+from optax_ext.recipes.lipschitz_muon import lipschitz_muon as lipschitz_muon
+from optax_ext.recipes.onebit_adam import onebit_adam as onebit_adam
 
 __version__ = "0.1.0"

@@ -206,4 +206,11 @@ RECIPES: list[Entry] = [
     ),
     Entry("lion_8bit", optax_ext.lion_8bit, dict(learning_rate=0.005)),
     # Communication compression and constraints.
+    Entry(
+        "onebit_adam",
+        optax_ext.onebit_adam,
+        # skip_first_step=False: the MultiSteps check expects the first applied step to move
+        dict(learning_rate=0.01, freeze_step=3, axis_name=None, skip_first_step=False),
+    ),
+    Entry("lipschitz_muon", optax_ext.lipschitz_muon, dict(learning_rate=0.02, w_max=1.0)),
 ]

@@ -1,9 +1,15 @@
 """Pure array -> array math: Newton-Schulz, polar factors, projections, norms, matrix views,
-block-wise quantization.
+block-wise quantization, spectral caps and
+1-bit compressed all-reduce.
 
 Kernels know nothing about optax or state; every one is jit-safe and batched over leading axes.
 """
 
+from optax_ext.kernels.communication import collective_traffic as collective_traffic
+from optax_ext.kernels.communication import compressed_allreduce as compressed_allreduce
+from optax_ext.kernels.communication import pack_signs as pack_signs
+from optax_ext.kernels.communication import padded_size as padded_size
+from optax_ext.kernels.communication import unpack_signs as unpack_signs
 from optax_ext.kernels.hessian import gauss_newton_bartlett as gauss_newton_bartlett
 from optax_ext.kernels.hessian import hessian_vector_product as hessian_vector_product
 from optax_ext.kernels.hessian import hutchinson as hutchinson
@@ -43,3 +49,14 @@ from optax_ext.kernels.quantize import BlockQuantizer as BlockQuantizer
 from optax_ext.kernels.quantize import dequantize_blockwise as dequantize_blockwise
 from optax_ext.kernels.quantize import dynamic_map as dynamic_map
 from optax_ext.kernels.quantize import quantize_blockwise as quantize_blockwise
+from optax_ext.kernels.spectral import LIPSCHITZ_ORTHO as LIPSCHITZ_ORTHO
+from optax_ext.kernels.spectral import lipschitz_orthogonalize as lipschitz_orthogonalize
+from optax_ext.kernels.spectral import power_iteration as power_iteration
+from optax_ext.kernels.spectral import rms_cap as rms_cap
+from optax_ext.kernels.spectral import soft_cap_coupling as soft_cap_coupling
+from optax_ext.kernels.spectral import spectral_hammer as spectral_hammer
+from optax_ext.kernels.spectral import spectral_hard_cap as spectral_hard_cap
+from optax_ext.kernels.spectral import spectral_normalize as spectral_normalize
+from optax_ext.kernels.spectral import spectral_soft_cap as spectral_soft_cap
+from optax_ext.kernels.spectral import spectral_weight_decay as spectral_weight_decay
+from optax_ext.kernels.spectral import svd_cap as svd_cap
