@@ -13,6 +13,7 @@ installed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import sysconfig
@@ -74,6 +75,7 @@ def split_files(root: pathlib.Path, files: list[pathlib.Path]) -> TokenSplits:
     )
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokens(source: str | None = None, *, max_files: int | None = None) -> TokenSplits:
     """Loads the train/validation tokens of ``source``.
 
@@ -85,7 +87,7 @@ def load_tokens(source: str | None = None, *, max_files: int | None = None) -> T
       max_files: use only the first ``max_files`` files of a folder (by sorted path).
 
     Returns:
-      A :class:`TokenSplits`.
+      A :class:`TokenSplits` (cached: repeated runs in one process read the corpus once).
 
     Raises:
       DataError: for a missing path, an empty corpus or an unreadable format.

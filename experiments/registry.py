@@ -246,8 +246,11 @@ ENTRIES = [
 
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in ENTRIES}
 
-NOT_OPTIMIZERS = frozenset({"rex_schedule", "exadam_v1_schedule", "lipschitz_bound"})
-"""optax-ext exports that are recipes-level but not optimizers (schedules, a diagnostic)."""
+NOT_OPTIMIZERS = frozenset(
+    {"rex_schedule", "exadam_v1_schedule", "lipschitz_bound", "layer_norms"}
+)
+"""Recipe-module exports that are not optimizers (schedules, diagnostics); the ``scale_by_*``
+forms of recipes are reached through the recipes themselves."""
 
 
 class UnknownOptimizer(ValueError):

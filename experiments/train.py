@@ -53,7 +53,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10
-    ckpt_every: int = 0  # 0: only at the end
+    ckpt_every: int = 0  # 0: only at the end (and at stop_after); <0: never
     seed: int = 0
     data: str | None = None  # None: the standard library's source code
     max_files: int | None = None
@@ -157,8 +157,35 @@ def build_optimizer(
     return tx, entry, peak
 
 
-def make_train_step(graphdef, tx, needs: str | None, cfg: TrainConfig, spike_dir: Any):
-    """The jitted train step ``(params, other, opt_state, x, y, step) -> (..., loss)``."""
+def update_extras(graphdef, needs: str | None, other, x, y, key) -> dict[str, Any]:
+    """The extra ``update`` arguments a recipe needs (``registry.Optimizer.needs``).
+
+    ``"gnb"``: Sophia-G's Gauss-Newton-Bartlett estimator (labels sampled from the model on
+    this batch); ``"hutchinson"``: AdaHessian's Hutchinson estimator of the loss on this batch.
+    """
+    if needs == "gnb":
+
+        def logits(p):
+            return models.apply(graphdef, p, other, x, train=False)[0]
+
+        return {"hessian_fn": lambda p: optax_ext.kernels.gauss_newton_bartlett(logits, p, key)}
+    if needs == "hutchinson":
+
+        def loss(p):
+            return models.loss_fn(graphdef, p, other, x, y)[0]
+
+        return {"hessian_fn": lambda p: optax_ext.kernels.hutchinson(loss, p, key)}
+    return {}
+
+
+def make_train_step(
+    graphdef, tx, needs: str | None, cfg: TrainConfig, spike_dir: Any, shardings: Any = None
+):
+    """The jitted train step ``(params, other, opt_state, x, y, step) -> (..., loss)``.
+
+    ``shardings``: ``(params, other, opt_state)`` shardings to keep the outputs on (on a mesh),
+    so every step sees the layout the step was compiled for.
+    """
 
     def loss(params, other, x, y):
         return models.loss_fn(graphdef, params, other, x, y)
@@ -172,18 +199,12 @@ def make_train_step(graphdef, tx, needs: str | None, cfg: TrainConfig, spike_dir
                 lambda s, g: jnp.where(step_idx == cfg.spike_step, s, g), spiked, grads
             )
         key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step_idx)
-        extra = {}
-        if needs == "gnb":  # Sophia-G: labels sampled from the model on this batch
-            logits = lambda p: models.apply(graphdef, p, other, x, train=False)[0]  # noqa: E731
-            extra["hessian_fn"] = lambda p: optax_ext.kernels.gauss_newton_bartlett(logits, p, key)
-        elif needs == "hutchinson":
-            extra["hessian_fn"] = lambda p: optax_ext.kernels.hutchinson(
-                lambda q: loss(q, other, x, y)[0], p, key
-            )
+        extra = update_extras(graphdef, needs, other, x, y, key)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return optax.apply_updates(params, updates), other, opt_state, value
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    out = None if shardings is None else (*shardings[:2], shardings[2], None)
+    return jax.jit(step, donate_argnums=(0, 2), out_shardings=out)
 
 
 def make_eval(graphdef):
@@ -236,6 +257,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if mesh is not None:
         params = jax.tree.map(lambda x: jax.device_put(x, param_sharding(mesh, x)), params)
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        other = jax.tree.map(lambda x: jax.device_put(x, replicated), other)
     opt_state = jax.jit(tx.init)(params)
 
     leaves, treedef = jax.tree.flatten(params)
@@ -258,7 +281,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             start = resume_step
     log = Log(out / "log.jsonl", resume_step if resume_step is not None else -1)
 
-    train_step = make_train_step(graphdef, tx, entry.needs, cfg, spike_dir)
+    shardings = None
+    if mesh is not None:  # leaves that init left on one device (counts, keys): replicate
+        on_mesh = lambda x: getattr(x.sharding, "mesh", None) == mesh  # noqa: E731
+        opt_state = jax.tree.map(
+            lambda x: x if on_mesh(x) else jax.device_put(x, replicated), opt_state
+        )
+        shardings = jax.tree.map(lambda x: x.sharding, (params, other, opt_state))
+    train_step = make_train_step(graphdef, tx, entry.needs, cfg, spike_dir, shardings)
     evaluate = make_eval(graphdef)
     val_batches = data_lib.eval_batches(
         splits.val, batch_size=cfg.batch_size, seq_len=seq_len, count=cfg.eval_batches
@@ -274,6 +304,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from tqdm import tqdm  # noqa: PLC0415
 
         progress = tqdm(total=cfg.steps, initial=start, desc=cfg.optimizer, leave=False)
+    x0, y0 = data_lib.sample_batch(splits.train, np.random.default_rng(0), cfg.batch_size, seq_len)
+    if mesh is not None:
+        x0, y0 = jax.device_put(x0, batch_sharding), jax.device_put(y0, batch_sharding)
+    t_compile = time.perf_counter()  # compile outside the clock: wall times are training times
+    train_step = train_step.lower(params, other, opt_state, x0, y0, start).compile()
+    compile_s = time.perf_counter() - t_compile
     t0 = time.perf_counter()
     loss_value = float("nan")
     val = None
@@ -304,7 +340,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if progress is not None:
             progress.update(1)
         stop = cfg.stop_after > 0 and step + 1 == cfg.stop_after
-        if last or stop or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+        periodic = cfg.ckpt_every > 0 and (step + 1) % cfg.ckpt_every == 0
+        if cfg.ckpt_every >= 0 and (last or stop or periodic):
             _save(ocp, ckpt_dir, step + 1, params, other, opt_state)
         if stop:
             break
@@ -326,6 +363,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "best_val_loss": min(vals) if vals else None,
         "wall": records[-1]["wall"] if records else 0.0,
         "state_bytes_per_param": state_bytes / n_params,
+        "compile_s": compile_s,
         "data": splits.source,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

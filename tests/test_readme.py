@@ -23,3 +23,21 @@ def test_usage_example_trains_a_few_steps():
         )
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_experiment_commands_in_the_readme_parse():
+    from experiments import compare, registry, train  # noqa: PLC0415
+
+    block = re.search(r"## Experiments\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    seen = set()
+    for line in block.splitlines():
+        args = line.split("#")[0].split()
+        module, flags = args[2], args[3:]
+        seen.add(module)
+        if module == "experiments.train":
+            registry.get(train.parse_args(flags).optimizer)
+        elif module == "experiments.compare":
+            cfg, _ = compare.parse_args(flags)
+            for name in cfg.optimizers:
+                registry.get(name)
+    assert {"experiments.train", "experiments.compare", "experiments.memory"} <= seen
