@@ -12,6 +12,8 @@ changes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -19,9 +21,16 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+_GATHERED = contextvars.ContextVar("optax_ext_gathered", default=False)
+
 
 def mesh_of(x: jax.Array):
-    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None."""
+    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None.
+
+    None as well while tracing inside :func:`gathered` (inputs are replicated there, and
+    kernels run as on one device)."""
+    if _GATHERED.get():
+        return None
     try:
         s = jax.typeof(x).sharding
     except Exception:  # noqa: BLE001 - non-array inputs have no sharding
@@ -59,8 +68,8 @@ def to_owner_layout(x: jax.Array, mesh) -> jax.Array:
     """Pads the leading (batch) axis to a multiple of the device count and shards it."""
     devices = math.prod(mesh.axis_sizes)
     pad = -x.shape[0] % devices
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
+    if pad:  # lax.pad keeps x's layout (a concatenate with fresh zeros would not, explicitly)
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)] + [(0, 0, 0)] * (x.ndim - 1))
     return _constrain(x, mesh, P(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
 
 
@@ -80,3 +89,68 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
     if y.shape == like.shape and tuple(target)[:1] not in ((), (None,)):
         y = jax.sharding.reshard(y, jax.typeof(like).sharding)
     return y
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` gathered onto every device (explicit meshes only; a no-op elsewhere)."""
+    mesh = mesh_of(x)
+    if mesh is None or not _explicit(mesh):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P()))
+
+
+@contextlib.contextmanager
+def _gathering():
+    token = _GATHERED.set(True)
+    try:
+        yield
+    finally:
+        _GATHERED.reset(token)
+
+
+def gathered(tx):
+    """``tx`` run on gathered (replicated) inputs under an explicit-axis mesh.
+
+    For transformations whose per-leaf linear algebra mixes both axes of a matrix in ways the
+    owner-computes layout does not cover (SOAP's two-sided rotations, COSMOS's mixed basis,
+    block quantization's flat blocks): every sharded input leaf is all-gathered once, ``tx``
+    runs unchanged, and each output leaf is put back in its input's layout (updates like the
+    gradients, each state leaf like itself), so moments stay sharded like their parameters and
+    the state's layout is stable across steps. Costs one all-gather per sharded leaf per step
+    and the transient memory of the gathered leaves. Automatic-axis meshes and single devices:
+    ``tx`` unchanged in effect (the partitioner places the computation).
+
+    Args:
+      tx: an ``optax.GradientTransformation`` (extra-args or not).
+
+    Returns:
+      A transformation of the same type.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        rep = lambda tree: jax.tree.map(replicate, tree)  # noqa: E731
+        args = rep(updates), rep(state), None if params is None else rep(params)
+        with _gathering():
+            new_updates, new_state = tx.update(*args, **extra_args)
+        new_updates = jax.tree.map(match, new_updates, updates)
+        new_state = jax.tree.map(match, new_state, state)
+        return new_updates, new_state
+
+    return type(tx)(tx.init, update_fn)
+
+
+def align(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` sharded like ``like`` on every axis where the two agree in position and size, and
+    replicated elsewhere (explicit meshes only; a no-op elsewhere or for other ranks).
+
+    Keeps per-matrix state laid out like its parameter: a projected moment ``(b, r, n)`` of a
+    ``(b, m, n)`` parameter keeps the sharding of ``n``.
+    """
+    mesh = mesh_of(like)
+    if mesh is None or not _explicit(mesh) or jnp.ndim(x) != jnp.ndim(like):
+        return x
+    spec = tuple(jax.typeof(like).sharding.spec) + (None,) * jnp.ndim(x)
+    want = P(*(s if a == b else None for a, b, s in zip(x.shape, like.shape, spec)))
+    if getattr(jax.typeof(x).sharding, "spec", None) == want:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, want))

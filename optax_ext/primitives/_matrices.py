@@ -16,6 +16,7 @@ from optax_ext._types import (
     require_matrix,
     spec_for,
 )
+from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import (
     batch_shape,
     bucket_apply,
@@ -92,7 +93,9 @@ class MatrixLeaves:
         )
         for k, i in enumerate(self.active):
             a = arrays[k]
-            flat[i] = a.reshape(*batch_shape(self.shapes[k], self.specs[k]), *a.shape[1:])
+            a = a.reshape(*batch_shape(self.shapes[k], self.specs[k]), *a.shape[1:])
+            # on an explicit mesh: laid out like the parameter where the axes agree
+            flat[i] = a if like is None else sharding.align(a, flat[i])
         return self.treedef.unflatten(flat)
 
     def unstored(self, tree: Any) -> list[jax.Array]:

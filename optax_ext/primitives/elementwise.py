@@ -257,7 +257,7 @@ class ScaleBySGDSaIState(NamedTuple):
 
 
 def _gsnr(g: jax.Array, eps: float) -> jax.Array:
-    x = g.astype(jnp.float32).ravel()
+    x = g.astype(jnp.float32)  # reductions over all axes: no reshape of a sharded tensor
     n = x.size
     std = jnp.std(x, ddof=1) if n > 1 else jnp.zeros([], jnp.float32)  # NaN -> 0 (1 element)
     return jnp.sqrt(jnp.sum(x * x)) / (std + eps)

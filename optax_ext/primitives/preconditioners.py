@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._types import is_masked, leaf_error, leaves_with_path
+from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply
 from optax_ext.kernels.newton_schulz import NewtonSchulz
 from optax_ext.primitives._matrices import MatrixLeaves
@@ -314,7 +315,7 @@ def scale_by_soap(
             q=rebuild([tuple(q) for q in new_q], state.q),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,7 +493,7 @@ def scale_by_cosmos(
             gram=leaves.stored(grams, like=updates),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByCosmosAdamState(NamedTuple):

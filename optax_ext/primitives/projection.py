@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._types import SpecLike
+from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply
 from optax_ext.kernels.norms import limit_norm_growth, projected_norm_ratio
 from optax_ext.kernels.projections import FAN_IN, SVDProjector, project, project_back
@@ -93,8 +94,9 @@ def refresh_bases(
     refresh = count % period == 0
     dtypes = [b.dtype for b in basis]
 
-    def fresh():
-        return [q.astype(d) for q, d in zip(projector.bases(mats, count=count), dtypes)]
+    def fresh():  # laid out like the kept bases (explicit meshes: both branches must agree)
+        new = projector.bases(mats, count=count)
+        return [sharding.match(q.astype(d), b) for q, d, b in zip(new, dtypes, basis)]
 
     return jax.lax.cond(refresh, fresh, lambda: list(basis))
 

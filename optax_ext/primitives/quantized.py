@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._types import is_masked, leaf_error
+from optax_ext.kernels import sharding
 from optax_ext.kernels.quantize import BlockQuantizer, dequantize_blockwise, quantize_blockwise
 from optax_ext.primitives._state import map_fields
 
@@ -139,12 +140,16 @@ def quantize_state(
         if x.size < quantizer.min_size:
             return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
         sign_fix = quantizer.sign_fix and name in signed
-        codes, absmax = quantize_blockwise(x, maps[name], block_size=bs, sign_fix=sign_fix)
-        return QuantizedArray(codes, absmax)
+        # Blocks run over the flattened tensor: on an explicit-axis mesh, gather it first
+        # (one all-gather per leaf); the codes are stored in the statistic's own layout.
+        xr = sharding.replicate(x)
+        codes, absmax = quantize_blockwise(xr, maps[name], block_size=bs, sign_fix=sign_fix)
+        return QuantizedArray(sharding.match(codes, x), absmax)
 
     def dequantize_leaf(name, q):
         if isinstance(q, QuantizedArray):
-            return dequantize_blockwise(q.codes, q.absmax, maps[name], block_size=bs)
+            codes = sharding.replicate(q.codes)
+            return dequantize_blockwise(codes, q.absmax, maps[name], block_size=bs)
         return q
 
     def store(inner_state):

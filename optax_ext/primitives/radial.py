@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -9,29 +10,29 @@ import jax.numpy as jnp
 import optax
 
 
-def _rows(x: jax.Array, channel_axis: int, layer: bool) -> jax.Array:
+def _row_axes(ndim: int, channel_axis: int, layer: bool) -> tuple[int, ...]:
+    """Axes summed over for one "row": all of them (layer view) or all but the channel axis.
+
+    Rows are reductions over axes rather than reshapes, so a sharded tensor keeps its layout
+    (explicit-axis meshes refuse reshapes that merge sharded axes)."""
     if layer:
-        return x.reshape(1, -1)
-    return jnp.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1)
+        return tuple(range(ndim))
+    return tuple(a for a in range(ndim) if a != channel_axis % ndim)
 
 
-def _unrows(y: jax.Array, like: jax.Array, channel_axis: int, layer: bool) -> jax.Array:
-    if layer:
-        return y.reshape(like.shape)
-    moved = jnp.moveaxis(like, channel_axis, 0).shape
-    return jnp.moveaxis(y.reshape(moved), 0, channel_axis)
+def remove_radial(
+    x: jax.Array, p: jax.Array, *, axes: tuple[int, ...] = (1,), eps: float = 1e-8
+) -> jax.Array:
+    """``x_i - p^_i <p^_i, x_i>`` per row, ``p^_i = p_i / (||p_i|| + eps)``; a row is a slice
+    over ``axes`` (default: the rows of a ``(R, L)`` matrix)."""
+    pn = p / (jnp.sqrt(jnp.sum(p * p, axis=axes, keepdims=True)) + eps)
+    return x - pn * jnp.sum(pn * x, axis=axes, keepdims=True)
 
 
-def remove_radial(x: jax.Array, p: jax.Array, *, eps: float = 1e-8) -> jax.Array:
-    """``x_i - p^_i <p^_i, x_i>`` per row, ``p^_i = p_i / (||p_i|| + eps)``; rows ``(R, L)``."""
-    pn = p / (jnp.linalg.norm(p, axis=1, keepdims=True) + eps)
-    return x - pn * jnp.sum(pn * x, axis=1, keepdims=True)
-
-
-def _max_cosine(g: jax.Array, p: jax.Array, eps: float) -> jax.Array:
-    gn = jnp.maximum(jnp.linalg.norm(g, axis=1), eps)
-    pn = jnp.maximum(jnp.linalg.norm(p, axis=1), eps)
-    return jnp.max(jnp.abs(jnp.sum(g * p, axis=1)) / (gn * pn))
+def _max_cosine(g: jax.Array, p: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    gn = jnp.maximum(jnp.sqrt(jnp.sum(g * g, axis=axes)), eps)
+    pn = jnp.maximum(jnp.sqrt(jnp.sum(p * p, axis=axes)), eps)
+    return jnp.max(jnp.abs(jnp.sum(g * p, axis=axes)) / (gn * pn))
 
 
 class ProjectOutRadialState(NamedTuple):
@@ -115,9 +116,10 @@ def project_out_radial(
         g32, p32, u32 = (x.astype(jnp.float32) for x in (g, p, u))
         outs, fired = [], []
         for layer in (False, True):
-            gr, pr, ur = (_rows(x, axis, layer) for x in (g32, p32, u32))
-            fired.append(_max_cosine(gr, pr, eps) < delta / jnp.sqrt(gr.shape[1]))
-            outs.append(_unrows(remove_radial(ur, pr, eps=eps), u32, axis, layer))
+            axes = _row_axes(p.ndim, axis, layer)
+            length = math.prod(p.shape[a] for a in axes)
+            fired.append(_max_cosine(g32, p32, axes, eps) < delta / math.sqrt(length))
+            outs.append(remove_radial(u32, p32, axes=axes, eps=eps))
         which = jnp.where(fired[0], 1, jnp.where(fired[1], 2, 0)).astype(jnp.int32)
         out = jnp.where(which == 1, outs[0], jnp.where(which == 2, outs[1], u32))
         ratio = jnp.where(which > 0, wd_ratio, 1.0)
