@@ -54,7 +54,7 @@ PRIMITIVE_CHAINS = [
         _hidden_chain(
             lambda lr: optax.chain(
                 optax_ext.momentum(0.95, nesterov=True),
-                optax_ext.orthogonalize(NewtonSchulz()),
+                optax_ext.orthogonalize(NewtonSchulz(dtype="float32")),
                 optax_ext.scale_by_shape("sqrt_fan_out_over_fan_in"),
                 optax.add_decayed_weights(0.01),
                 optax.scale_by_learning_rate(lr),

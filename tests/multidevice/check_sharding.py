@@ -96,3 +96,28 @@ def test_bucket_of_stacked_matrices_one_exchange_each_way(kind):
     text = jax.jit(lambda g: tx.update(g, tx.init(g))[0]).lower(g).compile().as_text()
     counts = collectives(text)
     assert sum(counts.values()) <= 2, counts
+
+
+def _recipe_collectives(tx, kind):
+    m = mesh((8,), ("data",), kind)
+    sh = NamedSharding(m, P("data", None))
+    params = {"blocks": {f"h{i}": {"kernel": jax.device_put(jnp.full((64, 64), (i + 1) / 64), sh)}
+                         for i in range(6)}}
+    with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(m):
+        state = jax.jit(tx.init)(params)
+        text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+    return collectives(text)
+
+
+@pytest.mark.parametrize("kind", ["explicit", "auto"])
+@pytest.mark.parametrize("recipe", ["muon", "normuon"])
+def test_recipe_collectives_do_not_grow_with_newton_schulz_steps(recipe, kind):
+    import dataclasses  # noqa: PLC0415
+
+    counts = []
+    for steps in (3, 8):
+        ns = dataclasses.replace(NewtonSchulz.muon(dtype="float32"), steps=steps)
+        counts.append(_recipe_collectives(getattr(optax_ext, recipe)(0.02, ns=ns), kind))
+    assert counts[0] == counts[1], counts
+    if recipe == "muon":  # six FSDP matrices, one bucket: one exchange each way, nothing else
+        assert sum(counts[0].values()) <= 2, counts[0]
