@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     intro = (
         "# Optimizer-state memory\n\nState of each optimizer (GiB, and bytes per parameter) on "
         "abstract parameters (`jax.eval_shape`), float32 parameters. Settings as in "
-        "`experiments/registry.py`.\n\n"
+        "`experiments/registry.py`: the low-rank recipes use its small-model ranks (GaLore, "
+        "Fira, APOLLO: 32; APOLLO-Mini: 1; Conda: full rank); the papers use ranks of 128-1024 "
+        "at these sizes, and the projected state grows linearly with the rank.\n\n"
     )
     (out / "memory.md").write_text(intro + md + "\n")
     (out / "memory.json").write_text(json.dumps(rows, indent=1))

@@ -64,15 +64,21 @@ def test_parse_args_covers_every_field():
         "conda", 3e-3, 7, False, "x.txt", "data=2")
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--optimizer", "adamx"], "error: unknown optimizer 'adamx'; known: adabelief"),
-        (["--data", "/no/such/corpus"], "error: /no/such/corpus: no such file or folder"),
-        (["--schedule", "linear"], "error: unknown schedule 'linear'"),
-        (["--mesh", "data=64"], "error: --mesh data=64 needs 64 devices"),
-    ],
-)
+ERRORS = [
+    (["--optimizer", "adamx"], "error: unknown optimizer 'adamx'; known: adabelief"),
+    (["--data", "/no/such/corpus"], "error: /no/such/corpus: no such file or folder"),
+    (["--schedule", "linear"], "error: unknown schedule 'linear'"),
+    (["--mesh", "data=64"], "error: --mesh data=64 needs 64 devices"),
+]
+
+
+@pytest.mark.parametrize("flags, message", ERRORS)
+def test_cli_errors_in_process(tmp_path, capsys, flags, message):
+    assert train.main([*flags, "--steps", "2", "--max-files", "40", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", ERRORS[:2])
 def test_cli_errors_are_one_clear_line(tmp_path, flags, message):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", *flags, "--steps", "2",
