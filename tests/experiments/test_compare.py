@@ -45,13 +45,13 @@ def test_sweep_lrs_centres_on_the_default():
 
 
 def test_compare_end_to_end_and_report(tmp_path, capsys):
-    flags = ["--name", "t", "--results", str(tmp_path), "--optimizers", "adamw,apollo_mini",
+    flags = ["--name", "t", "--results", str(tmp_path), "--optimizers", "adamw,lion",
              "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
              "--sweep", "1", "--max-files", "40", "--update-reps", "1"]
     assert compare.main(flags) == 0
     folder = tmp_path / "t"
     md = (folder / "results.md").read_text()
-    assert "| adamw | 0.003 |" in md and "| apollo_mini | 0.01 |" in md
+    assert "| adamw | 0.003 |" in md and "| lion | 0.0003 |" in md
     assert "| 1.00x |" in md  # AdamW against itself
     for png in ("loss_vs_tokens.png", "loss_vs_wall.png", "lr_sensitivity.png"):
         assert (folder / png).read_bytes()[:4] == b"\x89PNG"
