@@ -9,13 +9,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
-# XLA's concurrency-optimized CPU scheduler can deadlock programs with many LAPACK calls inside
-# a conditional on 2 cores (see experiments/__init__.py).
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
+
+# XLA's concurrency-optimized CPU scheduler can deadlock programs with many LAPACK calls inside
+# a conditional on 2 cores: importing the experiments package turns it off (see its docstring).
+import experiments  # noqa: E402, F401
 
 # Few examples over few sizes: every new shape is a new XLA compilation.
 hypothesis.settings.register_profile(
