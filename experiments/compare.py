@@ -38,8 +38,8 @@ import jax
 import numpy as np
 
 import models
+from experiments import bench_step, registry, train
 from experiments import data as data_lib
-from experiments import registry, train
 
 BASELINE = "adamw"
 
@@ -138,15 +138,8 @@ def update_time(cfg: CompareConfig, optimizer: str, lr: float) -> float:
         extra = train.update_extras(graphdef, entry.needs, other, x, x, jax.random.PRNGKey(0))
         return tx.update(grads, opt_state, params, **extra)
 
-    def run(opt_state, reps):
-        for _ in range(reps):
-            updates, opt_state = update(grads, opt_state, params)
-        return jax.block_until_ready((updates, opt_state))
-
-    opt_state = run(tx.init(params), 2)[1]  # compile, and leave the initial step behind
-    t = time.perf_counter()
-    run(opt_state, reps)
-    return (time.perf_counter() - t) / reps
+    times = bench_step.update_times(update, grads, tx.init(params), params, reps)
+    return sum(times) / reps
 
 
 def crossing(xs: list[float], losses: list[float], target: float) -> float | None:
@@ -314,10 +307,12 @@ def compare(cfg: CompareConfig) -> tuple[str, list[pathlib.Path]]:
     return report(folder, cfg.target)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, bool]:
-    """A :class:`CompareConfig` and the ``--report`` flag from the command line."""
+def parse_args(
+    argv: list[str] | None = None, defaults: CompareConfig | None = None
+) -> tuple[CompareConfig, bool]:
+    """A :class:`CompareConfig` (flags over ``defaults``) and the ``--report`` flag."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = CompareConfig()
+    defaults = defaults or CompareConfig()
     parser.add_argument("--name", default=defaults.name)
     parser.add_argument("--optimizers", default=",".join(defaults.optimizers))
     for f in ("model", "data", "results"):
@@ -333,10 +328,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, bool]:
     return CompareConfig(**args), only_report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; bad input gives a one-line error and exit status 2."""
+def main(argv: list[str] | None = None, defaults: CompareConfig | None = None) -> int:
+    """Command-line entry point (flags over ``defaults``); bad input gives a one-line error and
+    exit status 2."""
     try:
-        cfg, only_report = parse_args(argv)
+        cfg, only_report = parse_args(argv, defaults)
         folder = pathlib.Path(cfg.results) / cfg.name
         md, paths = report(folder, cfg.target) if only_report else compare(cfg)
     except (registry.UnknownOptimizer, data_lib.DataError, FileNotFoundError, ValueError) as e:

@@ -25,14 +25,8 @@ DEMO = compare.CompareConfig(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the demo comparison; extra flags are passed to ``experiments.compare``."""
-    flags = [
-        "--name", DEMO.name, "--optimizers", ",".join(DEMO.optimizers), "--model", DEMO.model,
-        "--steps", str(DEMO.steps), "--batch-size", str(DEMO.batch_size),
-        "--seq-len", str(DEMO.seq_len), "--eval-every", str(DEMO.eval_every),
-        "--sweep", str(DEMO.sweep),
-    ]
-    return compare.main(flags + list(sys.argv[1:] if argv is None else argv))
+    """Runs the demo comparison; flags of ``experiments.compare`` override its settings."""
+    return compare.main(argv, defaults=DEMO)
 
 
 if __name__ == "__main__":

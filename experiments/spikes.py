@@ -54,8 +54,7 @@ def run(optimizer: str, spiked: bool, args: argparse.Namespace) -> dict[str, Any
 def recovery(clean: list[float], spiked: list[float], at: int, tolerance: float) -> int | None:
     """Steps after the spike until ``spiked`` stays within ``tolerance`` (relative, on a 5-step
     mean) of ``clean`` for the rest of the run; None if it never does."""
-    c = np.convolve(clean, np.ones(5) / 5, mode="valid")
-    s = np.convolve(spiked, np.ones(5) / 5, mode="valid")
+    c, s = _smooth(clean), _smooth(spiked)
     ok = np.abs(s - c) <= tolerance * np.abs(c)
     for k in range(at, len(ok)):
         if ok[k:].all():
