@@ -112,8 +112,8 @@ def gathered(tx):
     """``tx`` run on gathered (replicated) inputs under an explicit-axis mesh.
 
     For transformations whose per-leaf linear algebra mixes both axes of a matrix in ways the
-    owner-computes layout does not cover (SOAP's two-sided rotations, COSMOS's mixed basis,
-    block quantization's flat blocks): every sharded input leaf is all-gathered once, ``tx``
+    owner-computes layout does not cover (SOAP's two-sided rotations, COSMOS's mixed basis):
+    every sharded input leaf is all-gathered once, ``tx``
     runs unchanged, and each output leaf is put back in its input's layout (updates like the
     gradients, each state leaf like itself), so moments stay sharded like their parameters and
     the state's layout is stable across steps. Costs one all-gather per sharded leaf per step
