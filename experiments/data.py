@@ -8,6 +8,9 @@ Any text file or folder can be given instead (same by-file split for folders; a 
 split at 95% of its bytes), a pre-tokenized ``.npy``/``.bin`` token file is memory-mapped, and a
 saved Hugging Face ``datasets`` directory (``datasets.save_to_disk``) is read when the library is
 installed.
+
+Sources are named portably in results (``TokenSplits.source``): "Python 3.11 standard library,
+1,234 files", a folder or file by its own name, never by this machine's absolute path.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import pathlib
+import sys
 import sysconfig
 from collections.abc import Iterator
 
@@ -23,6 +27,9 @@ import numpy as np
 
 VAL_FRACTION = 0.05
 """Share of the files (by stable hash) that go to validation."""
+
+MAX_VOCAB = 1 << 24
+"""Largest token id + 1 accepted from a token file (the model's embedding has this many rows)."""
 
 
 class DataError(ValueError):
@@ -37,7 +44,7 @@ class TokenSplits:
       train: training tokens.
       val: validation tokens.
       vocab_size: number of token ids (256 for bytes).
-      source: a description of where the tokens came from.
+      source: where the tokens came from, named portably (no absolute path).
     """
 
     train: np.ndarray
@@ -61,8 +68,29 @@ def _text_files(root: pathlib.Path, pattern: str) -> list[pathlib.Path]:
     return files
 
 
-def split_files(root: pathlib.Path, files: list[pathlib.Path]) -> TokenSplits:
-    """Concatenated UTF-8 bytes of ``files``, split by a stable hash of their relative path."""
+def stdlib_name(files: int) -> str:
+    """The portable name of the default corpus: "Python 3.11 standard library, 1,234 files"."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"Python {version} standard library, {files:,} files"
+
+
+def portable_name(source: str, *, max_files: int | None = None) -> str:
+    """``source`` as results name it: the standard library's folder (as an older version of this
+    module recorded it) becomes :func:`stdlib_name`, any other path its last component."""
+    if source == str(stdlib_root()):
+        return load_tokens(None, max_files=max_files).source
+    if "/" not in source.rstrip("/"):
+        return source
+    return pathlib.PurePath(source).name + ("/" if source.endswith("/") else "")
+
+
+def split_files(
+    root: pathlib.Path, files: list[pathlib.Path], name: str | None = None
+) -> TokenSplits:
+    """Concatenated UTF-8 bytes of ``files``, split by a stable hash of their relative path.
+
+    ``name`` (default: the folder's own name and the file count) is the portable source name.
+    """
     train, val = bytearray(), bytearray()
     for f in files:
         rel = f.relative_to(root).as_posix()
@@ -70,8 +98,9 @@ def split_files(root: pathlib.Path, files: list[pathlib.Path]) -> TokenSplits:
         (val if _is_val(rel) else train).extend(data + b"\n")
     if not train or not val:
         raise DataError(f"{root}: too few files to split into train and validation ({len(files)})")
+    name = name or f"{root.name}/ ({len(files):,} files)"
     return TokenSplits(
-        np.frombuffer(bytes(train), np.uint8), np.frombuffer(bytes(val), np.uint8), 256, str(root)
+        np.frombuffer(bytes(train), np.uint8), np.frombuffer(bytes(val), np.uint8), 256, name
     )
 
 
@@ -90,12 +119,14 @@ def load_tokens(source: str | None = None, *, max_files: int | None = None) -> T
       A :class:`TokenSplits` (cached: repeated runs in one process read the corpus once).
 
     Raises:
-      DataError: for a missing path, an empty corpus or an unreadable format.
+      DataError: for a missing path, an empty corpus, an unreadable format, a token file of
+        floats, negative ids or ids of ``MAX_VOCAB`` or more, or a ``.bin`` of an odd size.
     """
     if source is None:
         root = stdlib_root()
         files = _text_files(root, "*.py")
-        return split_files(root, files[:max_files] if max_files else files)
+        files = files[:max_files] if max_files else files
+        return split_files(root, files, stdlib_name(len(files)))
     if source.startswith("hf:"):
         return _load_hf(source[3:])
     path = pathlib.Path(source)
@@ -112,8 +143,12 @@ def load_tokens(source: str | None = None, *, max_files: int | None = None) -> T
         return split_files(path, files)
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
-        vocab = int(tokens.max()) + 1 if tokens.size else 0
+        vocab = _check_ids(source, tokens)
     elif path.suffix == ".bin":
+        if path.stat().st_size % 2:
+            raise DataError(
+                f"{source}: {path.stat().st_size} bytes is not a whole number of uint16 tokens"
+            )
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         vocab = 1 << 16
     else:
@@ -124,7 +159,22 @@ def load_tokens(source: str | None = None, *, max_files: int | None = None) -> T
             f"{source}: expected a 1-D stream of at least 64 tokens, got {tokens.shape}"
         )
     cut = int(0.95 * tokens.size)
-    return TokenSplits(tokens[:cut], tokens[cut:], vocab, str(path))
+    return TokenSplits(tokens[:cut], tokens[cut:], vocab, path.name)
+
+
+def _check_ids(source: str, tokens: np.ndarray) -> int:
+    """The vocabulary size of a ``.npy`` token array after checking its ids."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"{source}: token ids must be integers, got dtype {tokens.dtype}")
+    if not tokens.size:
+        return 0
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        at = int(np.argmax(np.asarray(tokens).ravel() < 0))
+        raise DataError(f"{source}: token ids must be >= 0, found {low} (first negative at {at})")
+    if high >= MAX_VOCAB:
+        raise DataError(f"{source}: token id {high} is not below the largest vocabulary {MAX_VOCAB}")
+    return high + 1
 
 
 def _load_hf(path: str) -> TokenSplits:
@@ -146,7 +196,7 @@ def _load_hf(path: str) -> TokenSplits:
         np.frombuffer(bytes(train), np.uint8),
         np.frombuffer(bytes(val), np.uint8),
         256,
-        f"hf:{path}",
+        f"hf:{pathlib.PurePath(path).name}",
     )
 
 

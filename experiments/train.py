@@ -11,6 +11,12 @@ exact resume (the batch stream depends only on ``(seed, step)``), and a final su
 ``--mesh data=N,model=M`` parameters, optimizer state and batches are sharded over a device mesh
 (automatic SPMD axes: batches over ``data``; matrices over ``model`` on their last axis and
 ``data`` on the one before, where the sizes divide).
+
+What a run guarantees (README, "What survives a crash"): a non-empty ``--out`` is refused
+without ``--resume``; ``--resume`` checks the saved settings (``config.json``) and refuses any
+difference in one line; a run whose loss or state turns non-finite stops with exit status 1 and
+saves nothing after that point; checkpoints carry sha256 manifests (experiments/checkpoints.py)
+and a corrupted one is skipped for the previous intact one.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any
@@ -32,8 +37,8 @@ import optax
 
 import models
 import optax_ext
+from experiments import checkpoints, registry
 from experiments import data as data_lib
-from experiments import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,50 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], str)
         parser.add_argument(flag, type=kind, default=f.default)
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+OPERATIONAL = (
+    "out", "resume", "steps", "stop_after", "progress", "log_every", "eval_every", "ckpt_every",
+    "mesh",
+)
+"""Fields that do not change a run's result (``steps`` does, but may grow on resume)."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the state became non-finite (the message gives the step and what was kept)."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raises ValueError naming the flag, its value and the rule it breaks."""
+    positive = ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("warmup", "stop_after"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_files is not None and cfg.max_files <= 0:
+        raise ValueError(f"--max-files must be > 0, got {cfg.max_files}")
+    lr = cfg.learning_rate
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--learning-rate must be a finite number > 0, got {lr}")
+    for name in ("min_lr_ratio", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting that changes a run's result, the learning rate resolved to its value.
+
+    ``--resume`` refuses a checkpoint whose settings differ (``steps`` aside), and
+    experiments/compare.py keys its records by them.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL}
+    if cfg.learning_rate is None:
+        settings["learning_rate"] = registry.get(cfg.optimizer).lr
+    settings["steps"] = cfg.steps
+    return settings
 
 
 def lr_schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
@@ -181,8 +230,11 @@ def update_extras(graphdef, needs: str | None, other, x, y, key) -> dict[str, An
 def make_train_step(
     graphdef, tx, needs: str | None, cfg: TrainConfig, spike_dir: Any, shardings: Any = None
 ):
-    """The jitted train step ``(params, other, opt_state, x, y, step) -> (..., loss)``.
+    """The jitted train step ``(params, other, opt_state, x, y, step, bad) -> (..., loss, bad)``.
 
+    ``bad`` (int32 scalar, -1 while all is finite) becomes ``step + 1`` at the first step whose
+    loss, new parameters or new optimizer state hold a non-finite value, and stays there: the
+    loop reads it only when it logs or saves, so checking costs no host sync per step.
     ``shardings``: ``(params, other, opt_state)`` shardings to keep the outputs on (on a mesh),
     so every step sees the layout the step was compiled for.
     """
@@ -190,7 +242,7 @@ def make_train_step(
     def loss(params, other, x, y):
         return models.loss_fn(graphdef, params, other, x, y)
 
-    def step(params, other, opt_state, x, y, step_idx):
+    def step(params, other, opt_state, x, y, step_idx, bad):
         (value, (other, _)), grads = jax.value_and_grad(loss, has_aux=True)(params, other, x, y)
         if cfg.spike_step >= 0:  # a random-direction spike of spike_scale x ||g||
             norm = optax.tree.norm(grads)
@@ -201,10 +253,18 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step_idx)
         extra = update_extras(graphdef, needs, other, x, y, key)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
-        return optax.apply_updates(params, updates), other, opt_state, value
+        params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(value) & _all_finite((params, opt_state))
+        bad = jnp.where((bad < 0) & ~ok, step_idx + 1, bad)
+        return params, other, opt_state, value, bad
 
-    out = None if shardings is None else (*shardings[:2], shardings[2], None)
+    out = None if shardings is None else (*shardings[:2], shardings[2], None, None)
     return jax.jit(step, donate_argnums=(0, 2), out_shardings=out)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def make_eval(graphdef):
@@ -221,37 +281,114 @@ def make_eval(graphdef):
 
 
 class Log:
-    """JSONL log at ``<out>/log.jsonl``; on resume, records after the restored step are dropped."""
+    """JSONL log at ``<out>/log.jsonl``; on resume, records after the restored step are dropped.
+
+    A torn last line (a write cut short by a crash) is dropped with a message; an unreadable
+    line elsewhere is an error naming the file and the line.
+    """
 
     def __init__(self, path: pathlib.Path, resume_step: int | None):
         self.path = path
         records = []
         if resume_step is not None and path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            lines = path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i + 1 < len(lines):
+                        raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+                    print(f"note: {path}: dropped a torn last line ({i + 1})", file=sys.stderr)
             records = [r for r in records if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        if jax.process_index() == 0:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.records = records
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if jax.process_index() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _read_config(out: pathlib.Path) -> dict[str, Any] | None:
+    """The saved ``config.json`` of the run in ``out`` (None for an empty or missing folder)."""
+    path = out / "config.json"
+    if not path.exists():
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--resume: {out} holds files but no config.json of a train.py run")
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(saved, dict) or not {"settings", "data"} <= saved.keys():
+        raise ValueError(f"{path}: no recorded settings (an older train.py wrote it); use a new --out")
+    return saved
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in skip)
+    return ", ".join(
+        f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)
+    )
+
+
+def _write_config(out: pathlib.Path, cfg: TrainConfig, settings: dict, data: dict) -> None:
+    if jax.process_index() == 0:
+        record = {"settings": settings, "data": data, "config": dataclasses.asdict(cfg)}
+        (out / "config.json").write_text(json.dumps(record, indent=1))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs ``cfg`` and returns its summary (also written to ``<out>/summary.json``)."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415 - heavy import, only for runs
+    """Runs ``cfg`` and returns its summary (also written to ``<out>/summary.json``).
+
+    Raises:
+      ValueError: a bad setting, a non-empty ``--out`` without ``--resume``, or a ``--resume``
+        whose saved settings, data or checkpoint do not fit (one line naming what differs).
+      data.DataError: an unusable data source.
+      checkpoints.CheckpointError: ``--resume`` found checkpoints but none intact.
+      Diverged: the loss or state became non-finite (nothing is saved after that step).
+    """
+    check_config(cfg)
+    out = pathlib.Path(cfg.out)
+    settings = run_settings(cfg)
+    saved = _read_config(out) if cfg.resume else None
+    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise ValueError(
+            f"--out {out} is not empty ({names}); pass --resume to continue that run or choose "
+            "an empty folder"
+        )
+    if saved is not None:
+        differ = _differences(saved["settings"], settings, skip=("steps",))
+        if differ:
+            raise ValueError(f"--resume: {out} holds a run with other settings: {differ}")
 
     tx, entry, peak = build_optimizer(cfg)
     splits = data_lib.load_tokens(cfg.data, max_files=cfg.max_files)
+    data_record = {
+        "source": splits.source,
+        "train_tokens": int(splits.train.size),
+        "val_tokens": int(splits.val.size),
+        "vocab_size": int(splits.vocab_size),
+    }
+    if saved is not None and saved["data"] != data_record:
+        differ = _differences(saved["data"], data_record)
+        raise ValueError(f"--resume: the data differ from the saved run's: {differ}")
+    run_id = checkpoints.digest(
+        {"settings": {k: v for k, v in settings.items() if k != "steps"}, "data": data_record}
+    )
     model_cfg = models.ModelConfig.preset(cfg.model)
     seq_len = min(cfg.seq_len, model_cfg.block_size)
     if splits.vocab_size > model_cfg.vocab_size:
         model_cfg = models.ModelConfig.preset(cfg.model, vocab_size=splits.vocab_size)
     graphdef, params, other = models.split_model(models.make_model(model_cfg, seed=cfg.seed))
-    out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if saved is None:
+        _write_config(out, cfg, settings, data_record)
 
     mesh = parse_mesh(cfg.mesh) if cfg.mesh else None
     if mesh is not None:
@@ -269,24 +406,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     ckpt_dir = (out / "ckpt").absolute()
     start, resume_step = 0, None
-    if cfg.resume and ckpt_dir.exists():
-        done = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-        if done:
-            resume_step = done[-1]
-            target = {"params": params, "other": _keys_to_data(other), "opt_state": opt_state}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            restored = ocp.StandardCheckpointer().restore(ckpt_dir / str(resume_step), abstract)
-            params, opt_state = restored["params"], restored["opt_state"]
-            other = _data_to_keys(restored["other"], other)
+    if cfg.resume:
+        target = {"params": params, "other": _keys_to_data(other), "opt_state": opt_state}
+        restored = checkpoints.restore_latest(ckpt_dir, target, run_id)
+        if restored is not None:
+            resume_step, tree = restored
+            if cfg.steps < resume_step:
+                raise ValueError(
+                    f"--steps {cfg.steps} is below the step {resume_step} of the checkpoint "
+                    f"{ckpt_dir / str(resume_step)}"
+                )
+            params, opt_state = tree["params"], tree["opt_state"]
+            other = _data_to_keys(tree["other"], other)
             start = resume_step
+        if saved is not None and saved["settings"]["steps"] != cfg.steps:
+            print(
+                f"note: --steps {cfg.steps} (the saved run had {saved['settings']['steps']}): "
+                f"the learning-rate schedule now ends at step {cfg.steps}",
+                file=sys.stderr,
+            )
+            _write_config(out, cfg, settings, data_record)
     log = Log(out / "log.jsonl", resume_step if resume_step is not None else -1)
 
     shardings = None
+    bad = jnp.full((), -1, jnp.int32)
     if mesh is not None:  # leaves that init left on one device (counts, keys): replicate
         on_mesh = lambda x: getattr(x.sharding, "mesh", None) == mesh  # noqa: E731
         opt_state = jax.tree.map(
             lambda x: x if on_mesh(x) else jax.device_put(x, replicated), opt_state
         )
+        bad = jax.device_put(bad, replicated)
         shardings = jax.tree.map(lambda x: x.sharding, (params, other, opt_state))
     train_step = make_train_step(graphdef, tx, entry.needs, cfg, spike_dir, shardings)
     evaluate = make_eval(graphdef)
@@ -308,16 +457,53 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if mesh is not None:
         x0, y0 = jax.device_put(x0, batch_sharding), jax.device_put(y0, batch_sharding)
     t_compile = time.perf_counter()  # compile outside the clock: wall times are training times
-    train_step = train_step.lower(params, other, opt_state, x0, y0, start).compile()
+    train_step = train_step.lower(params, other, opt_state, x0, y0, start, bad).compile()
     compile_s = time.perf_counter() - t_compile
+
+    def summarize(diverged_at: int | None = None) -> dict[str, Any]:
+        records = log.records
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        summary = {
+            "optimizer": cfg.optimizer,
+            "learning_rate": peak,
+            "model": cfg.model,
+            "params": n_params,
+            "steps": cfg.steps,
+            "tokens": cfg.steps * tokens_per_step,
+            "final_train_loss": records[-1]["train_loss"] if records else None,
+            "final_val_loss": vals[-1] if vals else None,
+            "best_val_loss": min(vals) if vals else None,
+            "wall": records[-1]["wall"] if records else 0.0,
+            "state_bytes_per_param": optax_ext.state_nbytes(opt_state) / n_params,
+            "compile_s": compile_s,
+            "data": splits.source,
+        }
+        if diverged_at is not None:
+            summary.update(final_train_loss=math.nan, final_val_loss=None, best_val_loss=None)
+            summary["diverged_at_step"] = diverged_at
+        if jax.process_index() == 0:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def check_finite() -> None:  # one host sync; only where the loop logs or saves
+        first = int(bad)
+        if first < 0:
+            return
+        summarize(diverged_at=first)
+        kept = checkpoints.steps(ckpt_dir)
+        keep = f"kept {ckpt_dir / str(kept[0])}" if kept else "no checkpoint was saved"
+        raise Diverged(
+            f"the run diverged: the loss or state is non-finite from step {first}; nothing was "
+            f"saved after it ({keep}, the last finite one)"
+        )
+
     t0 = time.perf_counter()
-    loss_value = float("nan")
-    val = None
     for step in range(start, cfg.steps):
         x, y = next(stream)
         if mesh is not None:
             x, y = jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
-        params, other, opt_state, loss = train_step(params, other, opt_state, x, y, step)
+        params, other, opt_state, loss, bad = train_step(params, other, opt_state, x, y, step, bad)
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.eval_every == 0:
             loss_value = float(loss)
@@ -330,9 +516,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "wall": wall,
             }
             if (step + 1) % cfg.eval_every == 0 or last:
-                val = evaluate(params, other, val_batches)
-                record["val_loss"] = val
+                record["val_loss"] = evaluate(params, other, val_batches)
             log.write(record)
+            check_finite()
             if progress is not None:
                 progress.set_postfix(
                     loss=f"{loss_value:.3f}", tok_s=f"{record['tokens'] / wall:.0f}"
@@ -342,54 +528,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stop = cfg.stop_after > 0 and step + 1 == cfg.stop_after
         periodic = cfg.ckpt_every > 0 and (step + 1) % cfg.ckpt_every == 0
         if cfg.ckpt_every >= 0 and (last or stop or periodic):
-            _save(ocp, ckpt_dir, step + 1, params, other, opt_state)
+            check_finite()
+            tree = {"params": params, "other": _keys_to_data(other), "opt_state": opt_state}
+            checkpoints.save(ckpt_dir, step + 1, tree, run_id)
         if stop:
             break
     if progress is not None:
         progress.close()
-    records = log.records
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
-    state_bytes = optax_ext.state_nbytes(opt_state)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    summary = {
-        "optimizer": cfg.optimizer,
-        "learning_rate": peak,
-        "model": cfg.model,
-        "params": n_params,
-        "steps": cfg.steps,
-        "tokens": cfg.steps * tokens_per_step,
-        "final_train_loss": records[-1]["train_loss"] if records else loss_value,
-        "final_val_loss": vals[-1] if vals else None,
-        "best_val_loss": min(vals) if vals else None,
-        "wall": records[-1]["wall"] if records else 0.0,
-        "state_bytes_per_param": state_bytes / n_params,
-        "compile_s": compile_s,
-        "data": splits.source,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-def _save(ocp, ckpt_dir: pathlib.Path, step: int, params, other, opt_state) -> None:
-    ckpt = ocp.StandardCheckpointer()
-    path = ckpt_dir / str(step)
-    if path.exists():
-        shutil.rmtree(path)
-    ckpt.save(path, {"params": params, "other": _keys_to_data(other), "opt_state": opt_state})
-    ckpt.wait_until_finished()
-    for old in ckpt_dir.iterdir():  # keep the latest checkpoint only
-        if old.name.isdigit() and int(old.name) < step:
-            shutil.rmtree(old)
+    check_finite()
+    return summarize()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; bad input gives a one-line error and exit status 2."""
+    """Command-line entry point: bad input gives a one-line error and exit status 2, a run that
+    diverges a one-line error and exit status 1."""
     try:
         cfg = parse_args(argv)
         summary = train(cfg)
     except (registry.UnknownOptimizer, data_lib.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=1))
     return 0
 
