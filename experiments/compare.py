@@ -6,11 +6,14 @@
 
 Every optimizer is trained once per learning rate of its registry grid (``--sweep 1`` keeps only
 the registry default; fair tuning: each recipe is reported at its own best rate). Runs go to
-``results/<name>/runs/<optimizer>/lr<rate>/`` (train.py's JSONL log and summary) and are skipped
-when their summary already exists, so an interrupted comparison picks up where it stopped.
-``results/<name>/`` then holds ``results.md`` (the table), ``results.jsonl`` (one line per run,
-curves included: the source of ``--report``), ``loss_vs_tokens.png``, ``loss_vs_wall.png`` and
-``lr_sensitivity.png``.
+``results/<name>/runs/<optimizer>/lr<rate>-<digest>/`` (train.py's JSONL log and summary; the
+digest covers every setting that changes a result) and are skipped when their summary already
+exists, so an interrupted comparison picks up where it stopped and a comparison with other
+settings (``--steps``, ``--seed``, ...) never reuses another's runs. ``results/<name>/`` then
+holds ``results.md`` (the table), ``results.jsonl`` (one line per run, curves and settings
+included, appended to and never rewritten: the source of ``--report``, which tables the records
+whose settings are the invoked comparison's, the latest per run), ``loss_vs_tokens.png``,
+``loss_vs_wall.png`` and ``lr_sensitivity.png``.
 
 Table columns, per optimizer at its best learning rate:
   * best / final validation loss;
@@ -19,8 +22,9 @@ Table columns, per optimizer at its best learning rate:
   * speedup vs AdamW in tokens to the target (AdamW tokens / optimizer tokens);
   * optimizer-state bytes per parameter (``optax_ext.state_nbytes`` of the real state);
   * update time as a ratio to AdamW's, measured in this run on this machine (the jitted optimizer
-    update alone, Hessian estimates included, averaged over consecutive steps). Absolute
-    times are not reported: on a CPU they say little about a GPU.
+    update alone, Hessian estimates included, averaged over consecutive steps; "-" when
+    AdamW's was measured by another invocation). Absolute times are not reported: on a CPU
+    they say little about a GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -38,7 +44,7 @@ import jax
 import numpy as np
 
 import models
-from experiments import bench_step, registry, train
+from experiments import bench_step, checkpoints, registry, train
 from experiments import data as data_lib
 
 BASELINE = "adamw"
@@ -73,39 +79,67 @@ def sweep_lrs(entry: registry.Optimizer, count: int) -> tuple[float, ...]:
     return tuple(sorted(ranked[:count]))
 
 
+def train_config(
+    cfg: CompareConfig, optimizer: str, lr: float, out: str = ""
+) -> train.TrainConfig:
+    """The :class:`train.TrainConfig` of one run of the comparison."""
+    return train.TrainConfig(
+        optimizer=optimizer,
+        learning_rate=lr,
+        model=cfg.model,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        eval_every=cfg.eval_every,
+        eval_batches=cfg.eval_batches,
+        log_every=cfg.eval_every,
+        seed=cfg.seed,
+        data=cfg.data,
+        max_files=cfg.max_files,
+        out=out,
+        ckpt_every=-1,
+        progress=False,
+    )
+
+
+def settings(cfg: CompareConfig, optimizer: str, lr: float) -> dict[str, Any]:
+    """Every setting that changes one run's record: train.py's, plus the evaluation period."""
+    tcfg = train_config(cfg, optimizer, lr)
+    return {**train.run_settings(tcfg), "eval_every": tcfg.eval_every}
+
+
+def _group(record_settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings shared by all runs of one comparison (optimizer and learning rate aside)."""
+    return {k: v for k, v in record_settings.items() if k not in ("optimizer", "learning_rate")}
+
+
 def run_dir(cfg: CompareConfig, optimizer: str, lr: float) -> pathlib.Path:
-    """Where one run of the comparison lives."""
-    return pathlib.Path(cfg.results) / cfg.name / "runs" / optimizer / f"lr{lr:g}"
+    """Where one run of the comparison lives (a digest of its settings in the name)."""
+    tag = checkpoints.digest(settings(cfg, optimizer, lr))[:8]
+    return pathlib.Path(cfg.results) / cfg.name / "runs" / optimizer / f"lr{lr:g}-{tag}"
 
 
 def run_one(cfg: CompareConfig, optimizer: str, lr: float) -> dict[str, Any]:
-    """Trains (or reuses) one run and returns its record: summary plus curves."""
+    """Trains (or reuses) one run and returns its record: summary, settings and curves.
+
+    An unfinished run (no summary: the comparison was interrupted) is started again from
+    scratch; a run that diverges is recorded as such (no final loss).
+    """
     out = run_dir(cfg, optimizer, lr)
     if not (out / "summary.json").exists():
-        train.train(
-            train.TrainConfig(
-                optimizer=optimizer,
-                learning_rate=lr,
-                model=cfg.model,
-                steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                seq_len=cfg.seq_len,
-                eval_every=cfg.eval_every,
-                eval_batches=cfg.eval_batches,
-                log_every=cfg.eval_every,
-                seed=cfg.seed,
-                data=cfg.data,
-                max_files=cfg.max_files,
-                out=str(out),
-                ckpt_every=-1,
-                progress=False,
-            )
-        )
+        if out.exists():
+            print(f"note: {out} is an unfinished run; starting it again", file=sys.stderr)
+            shutil.rmtree(out)
+        try:
+            train.train(train_config(cfg, optimizer, lr, str(out)))
+        except train.Diverged as e:
+            print(f"note: {optimizer} lr {lr:g}: {e}", file=sys.stderr)
     summary = json.loads((out / "summary.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     evals = [r for r in log if "val_loss" in r]
     return {
         **summary,
+        "settings": settings(cfg, optimizer, lr),
         "curve": {
             "tokens": [r["tokens"] for r in evals],
             "wall": [r["wall"] for r in evals],
@@ -122,9 +156,7 @@ def update_time(cfg: CompareConfig, optimizer: str, lr: float) -> float:
     at its real frequency when ``update_reps`` covers its period.
     """
     reps = cfg.update_reps
-    tcfg = train.TrainConfig(
-        optimizer=optimizer, learning_rate=lr, model=cfg.model, steps=cfg.steps, seed=cfg.seed
-    )
+    tcfg = train_config(cfg, optimizer, lr)
     tx, entry, _ = train.build_optimizer(tcfg)
     model_cfg = models.ModelConfig.preset(cfg.model)
     graphdef, params, other = models.split_model(models.make_model(model_cfg, seed=cfg.seed))
@@ -180,14 +212,16 @@ def table(runs: list[dict[str, Any]], target: float | None = None) -> tuple[str,
     if BASELINE in best:
         b = best[BASELINE]["curve"]
         base_tokens = crossing(b["tokens"], b["val_loss"], target)
-    base_update = best[BASELINE].get("update_s") if BASELINE in best else None
+    base = best.get(BASELINE, {})
+    base_update, base_batch = base.get("update_s"), base.get("update_batch")
     for name, r in sorted(best.items(), key=lambda kv: _final(kv[1])):
         c = r["curve"]
         tok = crossing(c["tokens"], c["val_loss"], target)
         wall = crossing(c["wall"], c["val_loss"], target)
         speed = base_tokens / tok if tok and base_tokens else None
         upd = r.get("update_s")
-        ratio = upd / base_update if upd and base_update else None
+        same_batch = r.get("update_batch") == base_batch  # timed in the same invocation
+        ratio = upd / base_update if upd and base_update and same_batch else None
         rows.append(
             [
                 name,
@@ -264,12 +298,66 @@ def plots(runs: list[dict[str, Any]], folder: pathlib.Path) -> list[pathlib.Path
     return paths
 
 
-def report(folder: pathlib.Path, target: float | None = None) -> tuple[str, list[pathlib.Path]]:
-    """Writes ``results.md`` and the plots from ``results.jsonl``; returns the table and plots."""
+def _adopt(record: dict[str, Any], cfg: CompareConfig) -> dict[str, Any]:
+    """A record written before records carried settings, given the invoked comparison's settings
+    when its model, steps and tokens agree, and a portable data name."""
+    want = settings(cfg, record["optimizer"], record["learning_rate"])
+    seq_len = min(cfg.seq_len, models.ModelConfig.preset(cfg.model).block_size)
+    agree = (record["model"], record["steps"], record["tokens"]) == (
+        cfg.model,
+        cfg.steps,
+        cfg.steps * cfg.batch_size * seq_len,
+    )
+    if not agree:
+        raise ValueError(
+            f"a record without settings ({record['optimizer']} lr {record['learning_rate']:g}: "
+            f"{record['model']}, {record['steps']} steps, {record['tokens']} tokens) does not "
+            "match the invoked comparison; pass its --model/--steps/--batch-size/--seq-len"
+        )
+    data = data_lib.portable_name(record["data"], max_files=cfg.max_files)
+    return {**record, "data": data, "settings": want}
+
+
+def load_records(folder: pathlib.Path, cfg: CompareConfig) -> list[dict[str, Any]]:
+    """The records of ``results.jsonl`` (older records given settings and portable data names,
+    rewritten in place once, every record kept)."""
     source = folder / "results.jsonl"
     if not source.exists():
         raise FileNotFoundError(f"{source}: no results to report (run the comparison first)")
-    runs = [json.loads(line) for line in source.read_text().splitlines() if line]
+    records = []
+    for i, line in enumerate(source.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{source}: line {i + 1} is not valid JSON") from None
+    if any("settings" not in r for r in records):
+        records = [r if "settings" in r else _adopt(r, cfg) for r in records]
+        tmp = source.with_name(source.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, source)
+        print(f"note: {source}: older records given their settings and data names", flush=True)
+    return records
+
+
+def report(
+    folder: pathlib.Path, cfg: CompareConfig, target: float | None = None
+) -> tuple[str, list[pathlib.Path]]:
+    """Writes ``results.md`` and the plots from the records of ``results.jsonl`` whose settings
+    are ``cfg``'s (the latest record per run); returns the table and the plots."""
+    records = load_records(folder, cfg)
+    group = _group(settings(cfg, BASELINE, 1.0))
+    latest: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if _group(r["settings"]) == group:
+            latest[json.dumps(r["settings"], sort_keys=True)] = r
+    runs = list(latest.values())
+    if not runs:
+        raise ValueError(
+            f"{folder / 'results.jsonl'}: no records with these settings "
+            f"({', '.join(f'{k}={v}' for k, v in group.items())})"
+        )
     md, used = table(runs, target)
     first = runs[0]
     header = (
@@ -283,7 +371,8 @@ def report(folder: pathlib.Path, target: float | None = None) -> tuple[str, list
 
 
 def compare(cfg: CompareConfig) -> tuple[str, list[pathlib.Path]]:
-    """Runs the comparison and writes ``results/<name>/``; returns the table and plot paths."""
+    """Runs the comparison, appends its records to ``results/<name>/results.jsonl`` and writes
+    the report; returns the table and plot paths."""
     entries = [registry.get(name) for name in cfg.optimizers]  # fails early on unknown names
     folder = pathlib.Path(cfg.results) / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -298,13 +387,15 @@ def compare(cfg: CompareConfig) -> tuple[str, list[pathlib.Path]]:
                 flush=True,
             )
             runs.append(run)
+    batch = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for name, best in best_runs(runs).items():
         seconds = update_time(cfg, name, best["learning_rate"])
         for r in runs:
             if r["optimizer"] == name:
-                r["update_s"] = seconds
-    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-    return report(folder, cfg.target)
+                r["update_s"], r["update_batch"] = seconds, batch
+    with (folder / "results.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in runs))
+    return report(folder, cfg, cfg.target)
 
 
 def parse_args(
@@ -334,7 +425,7 @@ def main(argv: list[str] | None = None, defaults: CompareConfig | None = None) -
     try:
         cfg, only_report = parse_args(argv, defaults)
         folder = pathlib.Path(cfg.results) / cfg.name
-        md, paths = report(folder, cfg.target) if only_report else compare(cfg)
+        md, paths = report(folder, cfg, cfg.target) if only_report else compare(cfg)
     except (registry.UnknownOptimizer, data_lib.DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

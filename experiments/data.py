@@ -173,7 +173,7 @@ def _check_ids(source: str, tokens: np.ndarray) -> int:
         at = int(np.argmax(np.asarray(tokens).ravel() < 0))
         raise DataError(f"{source}: token ids must be >= 0, found {low} (first negative at {at})")
     if high >= MAX_VOCAB:
-        raise DataError(f"{source}: token id {high} is not below the largest vocabulary {MAX_VOCAB}")
+        raise DataError(f"{source}: token id {high} is not below the vocabulary limit {MAX_VOCAB}")
     return high + 1
 
 

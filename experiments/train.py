@@ -112,7 +112,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("min_lr_ratio", "grad_clip"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -325,7 +326,7 @@ def _read_config(out: pathlib.Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(saved, dict) or not {"settings", "data"} <= saved.keys():
-        raise ValueError(f"{path}: no recorded settings (an older train.py wrote it); use a new --out")
+        raise ValueError(f"{path}: no recorded settings (from an older train.py); use a new --out")
     return saved
 
 

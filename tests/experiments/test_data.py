@@ -1,5 +1,7 @@
 """The data pipeline: sources, the by-file split, deterministic batches, clear errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,36 @@ def test_batches_depend_only_on_seed_and_step():
     e1 = data.eval_batches(tokens, batch_size=2, seq_len=8, count=3)
     e2 = data.eval_batches(tokens, batch_size=2, seq_len=8, count=3)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(e1, e2))
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("f.npy", lambda p: np.save(p, np.arange(100, dtype=np.float32)),
+         "token ids must be integers, got dtype float32"),
+        ("neg.npy", lambda p: np.save(p, np.arange(100, dtype=np.int32) - 3),
+         "token ids must be >= 0, found -3 (first negative at 0)"),
+        ("big.npy", lambda p: np.save(p, np.arange(100, dtype=np.int64) << 40),
+         "is not below the vocabulary limit"),
+        ("odd.bin", lambda p: p.write_bytes(b"\x01" * 201),
+         "201 bytes is not a whole number of uint16 tokens"),
+    ],
+)
+def test_bad_token_files_are_refused_naming_the_file(tmp_path, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(data.DataError, match=re.escape(message)) as err:
+        data.load_tokens(str(path))
+    assert str(err.value).startswith(str(path))
+
+
+def test_sources_are_named_portably(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    folder = _corpus(tmp_path / "corpus")
+    assert data.load_tokens(str(folder)).source == "corpus/ (61 files)"
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(range(256)))
+    assert data.load_tokens(str(text)).source == "t.txt"
+    stdlib = data.load_tokens(None, max_files=80).source
+    assert data.portable_name(str(data.stdlib_root()), max_files=80) == stdlib
+    assert data.portable_name("/some/machine/corpus") == "corpus"
