@@ -106,3 +106,39 @@ def test_spikes_end_to_end(tmp_path, capsys):
     assert adamw["clean"][5] != adamw["spiked"][5]
     assert (tmp_path / "spikes.png").exists() and "| adamw |" in capsys.readouterr().out
     assert spikes.main(flags[:-2] + ["--spike-step", "20", "--out", str(tmp_path)]) == 2
+
+
+def test_compare_appends_and_keys_records_by_every_setting(tmp_path):
+    flags = ["--name", "t", "--results", str(tmp_path), "--optimizers", "adamw", "--sweep", "1",
+             "--batch-size", "4", "--seq-len", "32", "--eval-every", "2", "--max-files", "40",
+             "--update-reps", "1"]
+    assert compare.main([*flags, "--steps", "2"]) == 0
+    assert compare.main([*flags, "--steps", "4"]) == 0  # other steps: a new run, not the old one
+    folder = tmp_path / "t"
+    records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [2, 4]  # appended, the first kept
+    assert [r["settings"]["steps"] for r in records] == [2, 4]
+    assert len(records[1]["curve"]["val_loss"]) == 2
+    assert "4 steps" in (folder / "results.md").read_text()
+    assert compare.main([*flags, "--steps", "2", "--report"]) == 0  # the first one, still there
+    assert "2 steps" in (folder / "results.md").read_text()
+    assert compare.main([*flags, "--steps", "3", "--report"]) == 2  # never ran
+
+
+def test_report_gives_older_records_settings_and_a_portable_data_name(tmp_path):
+    from experiments import data
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    old = {**_run("adamw", 1e-3, 3.0, [128, 256], [4.0, 3.0], 1.0), "model": "gpt2-tiny",
+           "params": 10, "steps": 2, "tokens": 256, "data": str(data.stdlib_root())}
+    (folder / "results.jsonl").write_text(json.dumps(old) + "\n")
+    flags = ["--name", "old", "--results", str(tmp_path), "--steps", "2", "--batch-size", "4",
+             "--seq-len", "32", "--max-files", "40", "--report"]
+    assert compare.main(flags) == 0
+    md = (folder / "results.md").read_text()
+    assert "data: Python 3." in md and "standard library, 40 files" in md
+    assert str(data.stdlib_root()) not in md + (folder / "results.jsonl").read_text()
+    (record,) = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert record["settings"]["steps"] == 2 and record["curve"] == old["curve"]
+    assert compare.main(flags[:4] + ["--steps", "3"] + flags[6:]) == 2  # no such records
