@@ -38,7 +38,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (the message names its path and the reason)."""
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Waits for every process (a no-op in a single-process run)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -105,18 +106,18 @@ def save(ckpt_dir: pathlib.Path, step: int, tree: Any, run: str) -> pathlib.Path
         manifest.unlink(missing_ok=True)
         if path.exists():
             shutil.rmtree(path)
-    _barrier(f"ckpt-clear-{step}")
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, tree)
-    ckpt.wait_until_finished()
-    _barrier(f"ckpt-saved-{step}")
+    barrier(f"ckpt-clear-{step}")
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, tree)
+        ckpt.wait_until_finished()
+    barrier(f"ckpt-saved-{step}")
     if jax.process_index() == 0:
         record = {"step": step, "run": run, "layout": layout(tree), "files": _files(path)}
         _write_atomic(manifest, json.dumps(record, indent=1))
         for old in steps(ckpt_dir)[KEEP:]:
             (ckpt_dir / f"{old}{MANIFEST}").unlink(missing_ok=True)
             shutil.rmtree(ckpt_dir / str(old))
-    _barrier(f"ckpt-done-{step}")
+    barrier(f"ckpt-done-{step}")
     return path
 
 
@@ -198,7 +199,8 @@ def restore_latest(ckpt_dir: pathlib.Path, target: Any, run: str) -> tuple[int, 
             _check_layout(path, record["layout"], want)
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             try:
-                tree = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
+                with ocp.StandardCheckpointer() as ckpt:
+                    tree = ckpt.restore(path.absolute(), abstract)
             except Exception as e:  # noqa: BLE001 - orbax raises many kinds; one line instead
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise CheckpointError(f"{path}: orbax could not restore it ({first})") from None

@@ -69,6 +69,9 @@ class TrainConfig:
     spike_step: int = -1  # inject a gradient spike at this step (experiments/spikes.py)
     spike_scale: float = 1000.0
     progress: bool = True
+    coordinator: str | None = None  # host:port of process 0 (several processes); "auto": detect
+    num_processes: int = 1
+    process_id: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -86,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 OPERATIONAL = (
     "out", "resume", "steps", "stop_after", "progress", "log_every", "eval_every", "ckpt_every",
-    "mesh",
+    "mesh", "coordinator", "num_processes", "process_id",
 )
 """Fields that do not change a run's result (``steps`` does, but may grow on resume)."""
 
@@ -114,6 +117,29 @@ def check_config(cfg: TrainConfig) -> None:
         if not (math.isfinite(value) and value >= 0):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """Starts JAX's multi-controller runtime when ``cfg`` names a coordinator (docs/MULTIHOST.md).
+
+    Every process runs the same command with its own ``--process-id``; ``--coordinator auto``
+    lets JAX detect the cluster (TPU pods, SLURM, Open MPI). On CPU, cross-process collectives
+    go through gloo (the default of jax >= 0.4.36; set here where the installed jax defaults to
+    none). Must run before anything else touches JAX's backends.
+    """
+    if cfg.coordinator is None or jax.distributed.is_initialized():
+        return
+    if jax.config.values.get("jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cfg.coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise ValueError(
+            f"--process-id must be in [0, --num-processes={cfg.num_processes}), got "
+            f"{cfg.process_id}"
+        )
+    jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -303,6 +329,7 @@ class Log:
                         raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
                     print(f"note: {path}: dropped a torn last line ({i + 1})", file=sys.stderr)
             records = [r for r in records if r["step"] <= resume_step]
+        checkpoints.barrier("log-read")  # every process has read the log before it is rewritten
         if jax.process_index() == 0:
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.records = records
@@ -354,6 +381,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       Diverged: the loss or state became non-finite (nothing is saved after that step).
     """
     check_config(cfg)
+    init_distributed(cfg)
     out = pathlib.Path(cfg.out)
     settings = run_settings(cfg)
     saved = _read_config(out) if cfg.resume else None
@@ -367,6 +395,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         differ = _differences(saved["settings"], settings, skip=("steps",))
         if differ:
             raise ValueError(f"--resume: {out} holds a run with other settings: {differ}")
+    checkpoints.barrier("train-checked")  # every process has read --out before any writes
 
     tx, entry, peak = build_optimizer(cfg)
     splits = data_lib.load_tokens(cfg.data, max_files=cfg.max_files)
@@ -443,6 +472,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_batches = data_lib.eval_batches(
         splits.val, batch_size=cfg.batch_size, seq_len=seq_len, count=cfg.eval_batches
     )
+    if mesh is not None:
+        val_batches = [jax.device_put(b, batch_sharding) for b in val_batches]
     stream = data_lib.batches(
         splits.train, batch_size=cfg.batch_size, seq_len=seq_len, seed=cfg.seed, start_step=start
     )
