@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 from typing import Any
 
@@ -46,6 +47,7 @@ def run(optimizer: str, spiked: bool, args: argparse.Namespace) -> dict[str, Any
         spike_step=args.spike_step if spiked else -1,
         spike_scale=args.scale,
     )
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: train.py keeps one per --out
     summary = train.train(cfg)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     return {**summary, "loss": [r["train_loss"] for r in log]}
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--spike-step must be in [0, {args.steps - 1}), got {args.spike_step}"
             )
         results = {n: (run(n, False, args), run(n, True, args)) for n in names}
-    except (registry.UnknownOptimizer, data_lib.DataError, ValueError) as e:
+    except (registry.UnknownOptimizer, data_lib.DataError, ValueError, train.Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
