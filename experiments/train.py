@@ -10,7 +10,9 @@ fixed set of batches, a progress bar with tokens/s and loss, JSONL logs, orbax c
 exact resume (the batch stream depends only on ``(seed, step)``), and a final summary. With
 ``--mesh data=N,model=M`` parameters, optimizer state and batches are sharded over a device mesh
 (automatic SPMD axes: batches over ``data``; matrices over ``model`` on their last axis and
-``data`` on the one before, where the sizes divide).
+``data`` on the one before, where the sizes divide). ``--coordinator host:port --num-processes N
+--process-id i`` runs it as one of N processes of JAX's multi-controller runtime, the mesh
+spanning the devices of all of them (docs/MULTIHOST.md).
 
 What a run guarantees (README, "What survives a crash"): a non-empty ``--out`` is refused
 without ``--resume``; ``--resume`` checks the saved settings (``config.json``) and refuses any
