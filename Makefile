@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean lint bench-small
+.PHONY: demo test setup clean lint bench-small study
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ setup: $(STAMP)
 
 ## make test: set up .venv and run the whole test suite (CPU).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup tests --doctest-modules optax_ext models
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=20 tests --doctest-modules optax_ext models
 
 ## make demo: set up .venv and run the main job on the embedded corpus (CPU, < 10 minutes).
 demo: $(STAMP)
 	$(PY) -m experiments.demo
+
+## make study: every optimizer, LR-swept and seeded (resumable; ~90 CPU-minutes); docs/RESULTS.md.
+study: $(STAMP)
+	$(PY) -m experiments.study
 
 bench-small: $(STAMP)
 	$(PY) -m experiments.bench_step --small
