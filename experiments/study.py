@@ -189,9 +189,12 @@ def run_one(cfg: StudyConfig, store: Store, optimizer: str, lr: float, seed: int
         max_files=cfg.max_files, out=str(out), ckpt_every=-1, progress=False,
     )
     t = time.perf_counter()
-    summary = train.train(tcfg)
-    diverged = not math.isfinite(summary.get("final_val_loss") or math.nan)
-    error = None
+    try:
+        summary = train.train(tcfg)
+        diverged, error = not math.isfinite(summary.get("final_val_loss") or math.nan), None
+    except train.Diverged as e:  # a result of the sweep (too high a rate), not a failure
+        summary = {"optimizer": optimizer, "learning_rate": lr}
+        diverged, error = True, str(e)
     log_path = out / "log.jsonl"
     log = [json.loads(x) for x in log_path.read_text().splitlines() if x] if log_path.exists() else []
     evals = [r for r in log if "val_loss" in r]

@@ -111,3 +111,22 @@ def test_cli_rejects_an_unknown_optimizer_in_one_line(capsys, tmp_path):
     assert study.main(["--optimizers", "adamw,nope", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_a_diverged_run_is_recorded_as_such_and_never_chosen(tmp_path, monkeypatch):
+    fake, calls = _fake_train({"adamw": 3e-3})
+
+    def diverging(cfg):
+        if cfg.learning_rate > 5e-3:
+            raise study.train.Diverged("the run diverged at step 1")
+        return fake(cfg)
+
+    monkeypatch.setattr(study.train, "train", diverging)
+    monkeypatch.setattr(study, "timing", lambda *a, **k: None)
+    cfg = _cfg(tmp_path, optimizers=("adamw",), seeds=1)
+    study.run(cfg)
+    store = study.Store(pathlib.Path(cfg.results))
+    bad = [r for r in store.records if r["kind"] == "run" and r["diverged"]]
+    assert bad and all("diverged" in r["error"] for r in bad)
+    rows, _ = study.analyse(cfg, store)
+    assert rows["adamw"].lr == 3e-3
