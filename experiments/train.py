@@ -429,6 +429,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         other = jax.tree.map(lambda x: jax.device_put(x, replicated), other)
     opt_state = jax.jit(tx.init)(params)
+    if mesh is not None:  # replicate leaves init left on one device (counts), before a restore
+        on_mesh = lambda x: getattr(x.sharding, "mesh", None) == mesh  # noqa: E731
+        opt_state = jax.tree.map(
+            lambda x: x if on_mesh(x) else jax.device_put(x, replicated), opt_state
+        )
 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), len(leaves))
@@ -462,11 +467,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     shardings = None
     bad = jnp.full((), -1, jnp.int32)
-    if mesh is not None:  # leaves that init left on one device (counts, keys): replicate
-        on_mesh = lambda x: getattr(x.sharding, "mesh", None) == mesh  # noqa: E731
-        opt_state = jax.tree.map(
-            lambda x: x if on_mesh(x) else jax.device_put(x, replicated), opt_state
-        )
+    if mesh is not None:
         bad = jax.device_put(bad, replicated)
         shardings = jax.tree.map(lambda x: x.sharding, (params, other, opt_state))
     train_step = make_train_step(graphdef, tx, entry.needs, cfg, spike_dir, shardings)
