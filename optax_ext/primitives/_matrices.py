@@ -29,7 +29,10 @@ from optax_ext.kernels.matricize import (
 class MatrixLeaves:
     """The matrix leaves of a tree, with their specs, validated once.
 
-    Masked leaves (None, ``optax.MaskedNode``) are kept aside and restored untouched.
+    Masked leaves (None, ``optax.MaskedNode``) are kept aside and restored untouched. So are
+    zero-size leaves (e.g. ``(0, 32)``), once validated: they have no matrix to transform, so their
+    update passes through (a zero-size array) and their state is the zero-size leaf itself, stable
+    across steps.
 
     Args:
       tree: parameters, updates or any tree with the parameters' structure.
@@ -39,13 +42,17 @@ class MatrixLeaves:
 
     def __init__(self, tree: Any, specs: SpecLike, who: str):
         self.pairs, self.treedef = leaves_with_path(tree)
-        self.active = [i for i, (_, leaf) in enumerate(self.pairs) if not is_masked(leaf)]
+        self.active: list[int] = []
         self.specs: list[MatrixSpec] = []
         self.shapes: list[tuple[int, ...]] = []
-        for i in self.active:
-            path, leaf = self.pairs[i]
+        for i, (path, leaf) in enumerate(self.pairs):
+            if is_masked(leaf):
+                continue
             spec = spec_for(specs, path, leaf)
             require_matrix(path, leaf, spec, who)
+            if jnp.size(leaf) == 0:  # nothing to transform: passes through like a masked leaf
+                continue
+            self.active.append(i)
             self.specs.append(spec)
             self.shapes.append(tuple(jnp.shape(leaf)))
 
