@@ -181,7 +181,7 @@ def _scale(x: jax.Array, num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(out) | ~jnp.isfinite(x), out, x * (num / den))
 
 
-def _saturate(x: jax.Array) -> jax.Array:
+def saturate(x: jax.Array) -> jax.Array:
     """``x`` with ``+inf`` replaced by the largest finite value of its dtype (NaN stays NaN)."""
     return jnp.minimum(x, jnp.finfo(x.dtype).max)
 
@@ -306,7 +306,7 @@ def scale_by_stable_spam(
             g32 = jnp.where(jnp.abs(g32) > mhat, _scale(g32, mhat, safe), g32)
             n = _norm(g32)
             a = g1s * a + (1 - g1s) * n
-            b = _saturate(gamma2 * b + (1 - gamma2) * _saturate(n * n))
+            b = saturate(gamma2 * b + (1 - gamma2) * saturate(n * n))
             bhat = b / (1 - gamma2**kf)
             # sqrt(b / bc) as in the code; sqrt(b) / sqrt(bc) where b / bc alone would overflow
             root = jnp.where(jnp.isfinite(bhat), jnp.sqrt(bhat), jnp.sqrt(b) / jnp.sqrt(1 - gamma2**kf))
@@ -316,7 +316,7 @@ def scale_by_stable_spam(
                 m = jnp.where(reset, jnp.zeros_like(m), m)
                 v = jnp.where(reset, jnp.zeros_like(v), v)
             m = b1s * m + (1 - b1s) * g32.astype(m.dtype)
-            v = _saturate(b2 * v + (1 - b2) * _saturate(jnp.square(g32)).astype(v.dtype))
+            v = saturate(b2 * v + (1 - b2) * saturate(jnp.square(g32)).astype(v.dtype))
             u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
             m_out = jnp.where(reset, jnp.zeros_like(m), m).astype(m_dtype)
             v_out = jnp.where(reset, jnp.zeros_like(v), v).astype(v_dtype)
