@@ -12,6 +12,7 @@ from optax_ext._types import (
     MatrixSpec,
     SpecLike,
     is_masked,
+    leaf_error,
     leaves_with_path,
     require_matrix,
     spec_for,
@@ -70,6 +71,17 @@ class MatrixLeaves:
     def batch_shapes(self) -> list[tuple[int, ...]]:
         """Batch-axis sizes of every active leaf's matrix view."""
         return [batch_shape(s, sp) for s, sp in zip(self.shapes, self.specs)]
+
+    def require_shapes_of(self, params: Any | None, who: str) -> None:
+        """Raises naming the leaf if an active leaf's shape differs from its parameter's (e.g. a
+        transposed gradient, which state arithmetic would otherwise broadcast). None: no check."""
+        if params is None:
+            return
+        for path, shape, p in zip(self.paths(), self.shapes, self.leaves(params)):
+            if tuple(jnp.shape(p)) != shape:
+                raise leaf_error(
+                    path, shape, f"{who} got an update of this shape for a parameter of shape {jnp.shape(p)}"
+                )
 
     def leaves(self, tree: Any) -> list[Any]:
         """The active leaves of ``tree`` (same structure as the tree this was built from)."""
