@@ -79,9 +79,8 @@ class MatrixLeaves:
             return
         for path, shape, p in zip(self.paths(), self.shapes, self.leaves(params)):
             if tuple(jnp.shape(p)) != shape:
-                raise leaf_error(
-                    path, shape, f"{who} got an update of this shape for a parameter of shape {jnp.shape(p)}"
-                )
+                rule = f"{who} got an update of this shape for a parameter of shape {jnp.shape(p)}"
+                raise leaf_error(path, shape, rule)
 
     def leaves(self, tree: Any) -> list[Any]:
         """The active leaves of ``tree`` (same structure as the tree this was built from)."""

@@ -245,8 +245,12 @@ def scale_by_exadam(
 
     def update_fn(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        # float16 gradients in float32 (g^2 of a float16 gradient underflows)
+        g32 = jax.tree.map(
+            lambda g, m: g.astype(m.dtype) if g.dtype == jnp.float16 else g, updates, state.mu
+        )
+        mu = optax.tree.update_moment(g32, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(g32, state.nu, b2, 2)
         nu = jax.tree.map(saturate, nu)  # g^2 past the dtype's range: the largest finite value
         count = optax.safe_increment(state.count)
         k = count.astype(jnp.float32)
