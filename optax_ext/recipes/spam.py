@@ -64,6 +64,8 @@ def spam(
         JAX state with static shapes cannot hold (masking full-size buffers saves nothing). Its
         reference also silently skips weight decay on that path.
       - Entries whose ``v`` is exactly 0 are never clipped (see :func:`optax_ext.clip_spikes`).
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -72,7 +74,7 @@ def spam(
       >>> tx.update(p, tx.init(p), p)[0]["w"].shape
       (4, 4)
     """
-    return optax.chain(
+    tx = optax.chain(
         momentum_reset(
             clip_spikes(
                 scale_by_adam(b1, b2, eps, bias_correction="hf"),
@@ -86,6 +88,7 @@ def spam(
         optax.scale_by_learning_rate(learning_rate),
         add_decoupled_weight_decay(weight_decay, learning_rate, mask=mask),
     )
+    return _common.float16_in_float32(tx)  # float16: float32 state and arithmetic
 
 
 def stable_spam(
