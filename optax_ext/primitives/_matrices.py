@@ -12,6 +12,7 @@ from optax_ext._types import (
     MatrixSpec,
     SpecLike,
     is_masked,
+    leaf_error,
     leaves_with_path,
     require_matrix,
     spec_for,
@@ -29,7 +30,10 @@ from optax_ext.kernels.matricize import (
 class MatrixLeaves:
     """The matrix leaves of a tree, with their specs, validated once.
 
-    Masked leaves (None, ``optax.MaskedNode``) are kept aside and restored untouched.
+    Masked leaves (None, ``optax.MaskedNode``) are kept aside and restored untouched. So are
+    zero-size leaves (e.g. ``(0, 32)``), once validated: they have no matrix to transform, so their
+    update passes through (a zero-size array) and their state is the zero-size leaf itself, stable
+    across steps.
 
     Args:
       tree: parameters, updates or any tree with the parameters' structure.
@@ -39,13 +43,17 @@ class MatrixLeaves:
 
     def __init__(self, tree: Any, specs: SpecLike, who: str):
         self.pairs, self.treedef = leaves_with_path(tree)
-        self.active = [i for i, (_, leaf) in enumerate(self.pairs) if not is_masked(leaf)]
+        self.active: list[int] = []
         self.specs: list[MatrixSpec] = []
         self.shapes: list[tuple[int, ...]] = []
-        for i in self.active:
-            path, leaf = self.pairs[i]
+        for i, (path, leaf) in enumerate(self.pairs):
+            if is_masked(leaf):
+                continue
             spec = spec_for(specs, path, leaf)
             require_matrix(path, leaf, spec, who)
+            if jnp.size(leaf) == 0:  # nothing to transform: passes through like a masked leaf
+                continue
+            self.active.append(i)
             self.specs.append(spec)
             self.shapes.append(tuple(jnp.shape(leaf)))
 
@@ -63,6 +71,16 @@ class MatrixLeaves:
     def batch_shapes(self) -> list[tuple[int, ...]]:
         """Batch-axis sizes of every active leaf's matrix view."""
         return [batch_shape(s, sp) for s, sp in zip(self.shapes, self.specs)]
+
+    def require_shapes_of(self, params: Any | None, who: str) -> None:
+        """Raises naming the leaf if an active leaf's shape differs from its parameter's (e.g. a
+        transposed gradient, which state arithmetic would otherwise broadcast). None: no check."""
+        if params is None:
+            return
+        for path, shape, p in zip(self.paths(), self.shapes, self.leaves(params)):
+            if tuple(jnp.shape(p)) != shape:
+                rule = f"{who} got an update of this shape for a parameter of shape {jnp.shape(p)}"
+                raise leaf_error(path, shape, rule)
 
     def leaves(self, tree: Any) -> list[Any]:
         """The active leaves of ``tree`` (same structure as the tree this was built from)."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._types import canonicalize_dtype
+from optax_ext.primitives.spikes import saturate
 
 
 class ScaleByLionState(NamedTuple):
@@ -194,6 +195,13 @@ class ScaleByExAdamState(NamedTuple):
     nu: optax.Updates
 
 
+def _moment_dtype(p: Any) -> jnp.dtype:
+    """Dtype of Adam-like moments for a parameter: float32 for float16 (whose range and
+    resolution cannot hold ``g^2`` or ``eps``), the parameter's own dtype otherwise."""
+    dtype = jnp.asarray(p).dtype
+    return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
+
+
 def scale_by_exadam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> optax.GradientTransformation:
@@ -211,6 +219,12 @@ def scale_by_exadam(
     Returns:
       An ``optax.GradientTransformation`` with :class:`ScaleByExAdamState`.
 
+    Notes:
+      Moments are kept in the parameter dtype, except float32 for float16 parameters (whose
+      arithmetic is done in float32 and the update cast back). Overflow: ``v`` saturates at the
+      dtype's largest finite value instead of becoming ``inf`` (so a huge gradient gives a small,
+      finite update and ``v`` decays back), and ``d2 = 1 + b1^k`` where ``m^2`` overflows.
+
     References:
       Adly, 2024, "EXAdam: The Power of Adaptive Cross-Moments", arXiv 2412.20302; code:
       github.com/AhmedMostafa16/EXAdam (``exadam.py`` at 989d7b6).
@@ -224,23 +238,34 @@ def scale_by_exadam(
     """
 
     def init_fn(params):
+        zeros = lambda p: jnp.zeros(jnp.shape(p), _moment_dtype(p))  # noqa: E731
         return ScaleByExAdamState(
-            jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+            jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
         )
 
     def update_fn(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        # float16 gradients in float32 (g^2 of a float16 gradient underflows)
+        g32 = jax.tree.map(
+            lambda g, m: g.astype(m.dtype) if g.dtype == jnp.float16 else g, updates, state.mu
+        )
+        mu = optax.tree.update_moment(g32, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(g32, state.nu, b2, 2)
+        nu = jax.tree.map(saturate, nu)  # g^2 past the dtype's range: the largest finite value
         count = optax.safe_increment(state.count)
         k = count.astype(jnp.float32)
         bc1, bc2 = 1 - b1**k, 1 - b2**k
 
         def step(g, m, v):
+            out_dtype = g.dtype
+            if g.dtype == jnp.float16:  # eps = 1e-8 is 0 in float16: compute in float32
+                g, m, v = (x.astype(jnp.float32) for x in (g, m, v))
             d1 = 1 + b2**k * v / (v + eps)
-            d2 = 1 + b1**k * m * m / (m * m + eps)
+            m2 = m * m
+            # m^2 / (m^2 + eps), which is 1 where m^2 overflows (inf / inf otherwise)
+            d2 = 1 + b1**k * jnp.where(jnp.isfinite(m2), m2 / (m2 + eps), 1.0)
             num = d1 * m / bc1 + d1 * g / bc1
-            return (num / (jnp.sqrt(d2 * v / bc2) + eps)).astype(g.dtype)
+            return (num / (jnp.sqrt(d2 * v / bc2) + eps)).astype(out_dtype)
 
         out = jax.tree.map(step, updates, mu, nu)
         return out, ScaleByExAdamState(count=count, mu=mu, nu=nu)

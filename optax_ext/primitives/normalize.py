@@ -109,8 +109,8 @@ def column_normalize(
         )
 
     def update_fn(updates, state, params=None):
-        del params
         leaves = MatrixLeaves(updates, specs, who)
+        leaves.require_shapes_of(params, who)
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         m_mats = leaves.views(mu)
         basis = refresh_bases(projector, m_mats, leaves.unstored(state.basis), state.count)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._types import SpecLike
+from optax_ext._types import SpecLike, leaf_error
 from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply
 from optax_ext.kernels.norms import limit_norm_growth, projected_norm_ratio
@@ -116,9 +116,25 @@ def _init_projected(params, inner, projector, specs, who) -> ProjectLowRankState
     )
 
 
-def _project_and_run_inner(updates, state, inner, projector, specs, who, extra_args):
+def _require_fitting_shapes(leaves, state, params, projector, who) -> None:
+    """Raises naming the leaf if an update does not fit its parameter or its projection state
+    (e.g. a transposed gradient, which would otherwise broadcast against the state)."""
+    leaves.require_shapes_of(params, who)
+    stored = [jnp.shape(b) for b in leaves.leaves(state.basis)]
+    expected = [
+        (*batch, *bs[1:])
+        for batch, (bs, _) in zip(leaves.batch_shapes(), lowrank_shapes(leaves, projector))
+    ]
+    for path, shape, got, want in zip(leaves.paths(), leaves.shapes, stored, expected):
+        if tuple(got) != want:
+            rule = f"its projection basis would be {want}, the state holds {tuple(got)}"
+            raise leaf_error(path, shape, f"{who}: the update does not fit its state: {rule}")
+
+
+def _project_and_run_inner(updates, state, params, inner, projector, specs, who, extra_args):
     """Shared first half: refresh bases, project, run inner. Returns views and low-rank pairs."""
     leaves = MatrixLeaves(updates, specs, who)
+    _require_fitting_shapes(leaves, state, params, projector, who)
     mats = leaves.views(updates)
     basis = refresh_bases(projector, mats, leaves.unstored(state.basis), state.count)
     axes = [projector.axis(m, n) for _, m, n in leaves.matrix_shapes()]
@@ -190,9 +206,8 @@ def project_low_rank(
         return _init_projected(params, inner, projector, specs, who)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params
         leaves, mats, basis, axes, low, low_out, inner_state = _project_and_run_inner(
-            updates, state, inner, projector, specs, who, extra_args
+            updates, state, params, inner, projector, specs, who, extra_args
         )
         limiter = leaves.unstored(state.limiter)
         if residual is None:
@@ -278,9 +293,8 @@ def scale_by_projected_norm_ratio(
         return _init_projected(params, inner, projector, specs, who)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params
         leaves, mats, basis, axes, low, low_out, inner_state = _project_and_run_inner(
-            updates, state, inner, projector, specs, who, extra_args
+            updates, state, params, inner, projector, specs, who, extra_args
         )
 
         def scaled(axis, g, r, n):

@@ -111,7 +111,7 @@ def project_out_radial(
         return ProjectOutRadialState(inner.init(params), projected)
 
     def project(u, g, p):
-        if jnp.ndim(p) <= 1:
+        if jnp.ndim(p) <= 1 or jnp.size(p) == 0:  # zero-size: no direction to project
             return u + weight_decay * p, jnp.zeros([], jnp.int32)
         g32, p32, u32 = (x.astype(jnp.float32) for x in (g, p, u))
         outs, fired = [], []

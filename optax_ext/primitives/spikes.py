@@ -164,6 +164,28 @@ def clip_by_quantile(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _norm(x: jax.Array) -> jax.Array:
+    """``||x||_2`` that does not overflow: the entries are scaled by a power of two first.
+
+    The scale is ``2^-e`` with ``2^(e-1) <= max|x| < 2^e``; scaling by a power of two is exact, so
+    the result equals ``sqrt(sum(x^2))`` bit for bit wherever that does not overflow or underflow.
+    """
+    _, e = jnp.frexp(jnp.max(jnp.abs(x), initial=0.0))
+    e = jnp.where(jnp.isfinite(x).all(), e, 0)  # non-finite entries keep their plain norm
+    return jnp.ldexp(jnp.sqrt(jnp.sum(jnp.square(jnp.ldexp(x, -e)))), e)
+
+
+def _scale(x: jax.Array, num: jax.Array, den: jax.Array) -> jax.Array:
+    """``x num / den`` in the code's order, or ``x (num / den)`` where ``x num`` would overflow."""
+    out = x * num / den
+    return jnp.where(jnp.isfinite(out) | ~jnp.isfinite(x), out, x * (num / den))
+
+
+def saturate(x: jax.Array) -> jax.Array:
+    """``x`` with ``+inf`` replaced by the largest finite value of its dtype (NaN stays NaN)."""
+    return jnp.minimum(x, jnp.finfo(x.dtype).max)
+
+
 class ScaleByStableSpamState(NamedTuple):
     """State of :func:`scale_by_stable_spam`.
 
@@ -277,21 +299,24 @@ def scale_by_stable_spam(
         def per_tensor(g, m, v, mx, a, b):
             m_dtype, v_dtype = m.dtype, v.dtype
             g32 = g.astype(jnp.float32)
-            gmax = jnp.max(jnp.abs(g32))
+            gmax = jnp.max(jnp.abs(g32), initial=0.0)  # 0 for a zero-size leaf
             mx = gamma3 * mx + (1 - gamma3) * gmax
             mhat = mx / (1 - gamma3**kf)
             safe = jnp.where(gmax > 0, gmax, 1.0)
-            g32 = jnp.where(jnp.abs(g32) > mhat, g32 * mhat / safe, g32)
-            n = jnp.sqrt(jnp.sum(g32 * g32))
+            g32 = jnp.where(jnp.abs(g32) > mhat, _scale(g32, mhat, safe), g32)
+            n = _norm(g32)
             a = g1s * a + (1 - g1s) * n
-            b = gamma2 * b + (1 - gamma2) * n * n
-            c = (a / (1 - g1s**kf)) / (jnp.sqrt(b / (1 - gamma2**kf)) + eps)
-            g32 = jnp.where(n > 0, g32 * c / jnp.where(n > 0, n, 1.0), g32)
+            b = saturate(gamma2 * b + (1 - gamma2) * saturate(n * n))
+            bhat = b / (1 - gamma2**kf)
+            # sqrt(b / bc) as in the code; sqrt(b) / sqrt(bc) where b / bc alone would overflow
+            root = jnp.where(jnp.isfinite(bhat), jnp.sqrt(bhat), jnp.sqrt(b) / jnp.sqrt(1 - gamma2**kf))
+            c = (a / (1 - g1s**kf)) / (root + eps)
+            g32 = jnp.where(n > 0, _scale(g32, c, jnp.where(n > 0, n, 1.0)), g32)
             if clean_reset:
                 m = jnp.where(reset, jnp.zeros_like(m), m)
                 v = jnp.where(reset, jnp.zeros_like(v), v)
             m = b1s * m + (1 - b1s) * g32.astype(m.dtype)
-            v = b2 * v + (1 - b2) * jnp.square(g32).astype(v.dtype)
+            v = saturate(b2 * v + (1 - b2) * saturate(jnp.square(g32)).astype(v.dtype))
             u = (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
             m_out = jnp.where(reset, jnp.zeros_like(m), m).astype(m_dtype)
             v_out = jnp.where(reset, jnp.zeros_like(v), v).astype(v_dtype)

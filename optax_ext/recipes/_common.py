@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_ext import labels
@@ -69,3 +71,34 @@ def hidden_and_other(
     return optax.partition(
         {"hidden": hidden, "other": other}, param_labels or labels.hidden_matrices
     )
+
+
+def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``tx`` in float32 on float16 leaves: float32 state, float16 updates.
+
+    float16 cannot hold Adam's ``eps = 1e-8`` (it rounds to 0) nor ``g^2`` of small or large
+    gradients, so a recipe run in float16 divides 0 by 0. This wrapper casts float16 gradients
+    and parameters to float32 before ``tx`` (whose state is therefore float32 for those leaves)
+    and casts the update back to float16; other dtypes pass through unchanged (bf16 stays bf16).
+    Loss scaling stays with the caller: unscale the gradients before the update, as usual.
+
+    Args:
+      tx: the recipe's transformation.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``tx``'s state.
+    """
+    tx = optax.with_extra_args_support(tx)
+    up = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, tree
+    )
+
+    def init_fn(params):
+        return tx.init(up(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        params = None if params is None else up(params)
+        out, state = tx.update(up(updates), state, params, **extra_args)
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -104,6 +104,8 @@ def apollo(
       - Random sketches: the reference draws them from torch's CPU Mersenne-Twister with a seed
         chain per parameter; we draw ``fold_in(fold_in(key(seed), leaf), step)`` (reproducible,
         resumable, not bit-equal to torch). Tests replay the recorded sketches.
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -131,7 +133,7 @@ def apollo(
     other = _common.adamw(
         learning_rate, b1, b2, eps, weight_decay, bias_correction="hf", decay_after_update=True
     )
-    return _common.hidden_and_other(hidden, other, param_labels)
+    return _common.float16_in_float32(_common.hidden_and_other(hidden, other, param_labels))
 
 
 def apollo_mini(

@@ -69,6 +69,8 @@ def conda(
       (the paper's "left singular vectors" become the smaller side), is never truncated, ``V``
       lives in rotated coordinates and is not rotated at a refresh, HF bias correction, decay
       after the step with the unscaled lr. The update is invariant to singular-vector signs.
+      float16 parameters get float32 state and arithmetic, and float16 updates; zero-size
+      leaves pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -87,4 +89,5 @@ def conda(
     other = _common.adamw(
         learning_rate, b1, b2, eps, weight_decay, bias_correction="hf", decay_after_update=True
     )
-    return _common.hidden_and_other(hidden, other, param_labels)
+    # float16 parameters: state and arithmetic in float32, the update cast back
+    return _common.float16_in_float32(_common.hidden_and_other(hidden, other, param_labels))

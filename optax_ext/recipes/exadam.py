@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext.primitives.elementwise import scale_by_exadam, scale_by_sgd_sai
+from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
 
 
 def exadam(
@@ -24,11 +26,16 @@ def exadam(
 
     Algorithm (see :func:`optax_ext.scale_by_exadam`)::
 
-        W <- W (1 - lr wd) - lr (d1 m_hat + d1 g_hat) / (sqrt(d2 v_hat) + eps)
+        W <- W (1 - lr wd) - a_k (d1 m_hat + d1 g_hat) / (sqrt(d2 v_hat) + eps)
+
+    with the step size ``a_k = lr`` (HEAD), or ``a_k = lr ln(sqrt(2 (k + 1)))`` (v1) when
+    ``learning_rate`` is :func:`exadam_v1_schedule` ``(lr)``; the decay always uses the plain
+    ``lr``, as the reference (which schedules the update only).
 
     Args:
       learning_rate: Default 1e-3 (README: NLP 3e-4). Use :func:`exadam_v1_schedule` for the
-        first version's growing step size ``lr ln(sqrt(2 (k + 1)))``.
+        first version's growing step size; any other schedule is the group learning rate and
+        scales both the update and the decay, as a PyTorch scheduler would.
       b1, b2, eps: Defaults 0.9, 0.999, 1e-8.
       weight_decay: decoupled, before the step (not in the paper's algorithm). Default 0.
       mask: weight-decay mask.
@@ -51,18 +58,32 @@ def exadam(
       >>> tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))[0].shape
       (2,)
     """
+    group_lr = learning_rate.learning_rate if isinstance(learning_rate, _V1Schedule) else learning_rate
     return optax.chain(
-        scale_by_exadam(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        scale_by_exadam(b1, b2, eps),  # u = (d1 m_hat + d1 g_hat) / (sqrt(d2 v_hat) + eps)
+        optax.scale_by_learning_rate(learning_rate),  # u <- -a_k u
+        add_decoupled_weight_decay(weight_decay, group_lr, after_update=False, mask=mask),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _V1Schedule:
+    """EXAdam v1's step size as a schedule that remembers its group learning rate."""
+
+    learning_rate: float
+
+    def __call__(self, count):
+        k = jnp.asarray(count, jnp.float32) + 1
+        return self.learning_rate * jnp.log(math.sqrt(2.0) * jnp.sqrt(k + 1))
 
 
 def exadam_v1_schedule(learning_rate: float) -> optax.Schedule:
     """EXAdam v1's step size ``lr ln(sqrt(2) sqrt(k + 1))`` for the 1-based step ``k``.
 
     Unbounded growth (0.69 lr at k = 1, 3.8 lr at k = 1000); an optax schedule of the 0-based
-    count, for ``exadam(exadam_v1_schedule(lr))``.
+    count, for ``exadam(exadam_v1_schedule(lr))``, which decays the weights with the plain ``lr``
+    (the schedule carries it). Passed through ``optax.inject_hyperparams`` it becomes a plain
+    schedule, which then scales the decay too.
 
     References:
       Adly, 2024, arXiv 2412.20302 v1; code: github.com/AhmedMostafa16/EXAdam at 48d6ef5.
@@ -72,12 +93,7 @@ def exadam_v1_schedule(learning_rate: float) -> optax.Schedule:
       >>> round(float(exadam_v1_schedule(1.0)(0)), 4)   # ln(2)
       0.6931
     """
-
-    def schedule(count):
-        k = jnp.asarray(count, jnp.float32) + 1
-        return learning_rate * jnp.log(math.sqrt(2.0) * jnp.sqrt(k + 1))
-
-    return schedule
+    return _V1Schedule(learning_rate)
 
 
 def sgd_sai(

@@ -117,6 +117,8 @@ def galore(
         trajectory (moments persist); tests replay the recorded bases through ``projector``.
       - ``proj_type="full"`` (two-sided) is not offered. N-D leaves are batches of matrices (the
         reference's Tucker projector for N-D tensors is broken, see the spec).
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -135,7 +137,7 @@ def galore(
     other = _common.adamw(
         learning_rate, b1, b2, eps, weight_decay, bias_correction="hf", decay_after_update=True
     )
-    return _common.hidden_and_other(hidden, other, param_labels)
+    return _common.float16_in_float32(_common.hidden_and_other(hidden, other, param_labels))
 
 
 def fira(
@@ -185,6 +187,8 @@ def fira(
         ``G - P R`` only for ``a = 1``), the limiter divides by ``max(ratio, gamma)/gamma``, and
         the bias correction multiplies both terms.
       - The limiter memory is one scalar per matrix, kept across refreshes.
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -202,4 +206,4 @@ def fira(
     other = _common.adamw(
         learning_rate, b1, b2, eps, weight_decay, bias_correction="hf", decay_after_update=True
     )
-    return _common.hidden_and_other(hidden, other, param_labels)
+    return _common.float16_in_float32(_common.hidden_and_other(hidden, other, param_labels))

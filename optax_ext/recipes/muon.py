@@ -116,6 +116,8 @@ def muon(
       - Conv/N-D leaves: the shape factor uses the flattened matrix view; the reference reads the
         raw last two dims of a 4-D PyTorch gradient (``kh / kw``), which we do not copy.
       - The reference leaves the bf16 NS output in bf16; we cast back to the update dtype.
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, optax_ext
@@ -146,4 +148,4 @@ def muon(
         adam_eps,
         weight_decay if adam_weight_decay is None else adam_weight_decay,
     )
-    return _common.hidden_and_other(hidden, other, param_labels)
+    return _common.float16_in_float32(_common.hidden_and_other(hidden, other, param_labels))

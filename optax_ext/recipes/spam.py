@@ -10,6 +10,7 @@ from optax_ext.primitives.moments import scale_by_adam
 from optax_ext.primitives.resets import momentum_reset, scale_by_reset_warmup
 from optax_ext.primitives.spikes import clip_spikes, scale_by_stable_spam
 from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
+from optax_ext.recipes import _common
 
 
 def spam(
@@ -63,6 +64,8 @@ def spam(
         JAX state with static shapes cannot hold (masking full-size buffers saves nothing). Its
         reference also silently skips weight decay on that path.
       - Entries whose ``v`` is exactly 0 are never clipped (see :func:`optax_ext.clip_spikes`).
+      - float16 parameters: float32 state and arithmetic, float16 updates; zero-size leaves
+        pass through (zero-size updates).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax_ext
@@ -71,7 +74,7 @@ def spam(
       >>> tx.update(p, tx.init(p), p)[0]["w"].shape
       (4, 4)
     """
-    return optax.chain(
+    tx = optax.chain(
         momentum_reset(
             clip_spikes(
                 scale_by_adam(b1, b2, eps, bias_correction="hf"),
@@ -85,6 +88,7 @@ def spam(
         optax.scale_by_learning_rate(learning_rate),
         add_decoupled_weight_decay(weight_decay, learning_rate, mask=mask),
     )
+    return _common.float16_in_float32(tx)  # float16: float32 state and arithmetic
 
 
 def stable_spam(
@@ -131,7 +135,9 @@ def stable_spam(
     Notes:
       Follows the code (stale moments and ``k = 1`` on reset steps); the statistics are
       debiased with the per-tensor count that restarts at each reset, which switches spike
-      clipping off for a while after every reset, as in the code.
+      clipping off for a while after every reset, as in the code. float16 parameters get
+      float32 state and arithmetic, and float16 updates; gradients up to the float32 range give
+      finite updates (the norm is computed without overflow, statistics saturate).
 
     Example:
       >>> import jax.numpy as jnp, optax_ext
@@ -140,7 +146,7 @@ def stable_spam(
       >>> tx.update(p, tx.init(p), p)[0]["w"].shape
       (4, 4)
     """
-    return optax.chain(
+    tx = optax.chain(
         scale_by_stable_spam(
             b1,
             b2,
@@ -156,3 +162,4 @@ def stable_spam(
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
+    return _common.float16_in_float32(tx)  # float16: float32 state and arithmetic

@@ -47,6 +47,23 @@ def test_golden_exadam(run, schedule):
     replay(optax_ext.exadam(lr), init, grads, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", [False, True])
+def test_exadam_decays_with_the_plain_group_lr(schedule):
+    # spec step 1: W <- W (1 - lr wd) with the group lr; v1's ln(sqrt(2 (k + 1))) scales the
+    # update only (1.63 lr at step 12). Same updates with and without decay, so only the decay
+    # term differs: float32 rounding of one product, hence the 1e-7 tolerance.
+    lr, wd = 1e-2, 0.1
+    lr_arg = optax_ext.exadam_v1_schedule(lr) if schedule else lr
+    plain, decayed = optax_ext.exadam(lr_arg), optax_ext.exadam(lr_arg, weight_decay=wd)
+    p = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    s0, s1 = plain.init(p), decayed.init(p)
+    for t in range(12):
+        g = jnp.cos(jnp.arange(6.0) + t).reshape(2, 3)
+        u0, s0 = plain.update(g, s0, p)
+        u1, s1 = decayed.update(g, s1, p)
+    np.testing.assert_allclose(u1, u0 - lr * wd * p, atol=1e-7)
+
+
 def test_golden_lion():
     _, (init, grads, expected) = golden("lion", "wd0")
     replay(optax_ext.lion(1e-4, 0.9, 0.99), init, grads, expected, atol=1e-5)
