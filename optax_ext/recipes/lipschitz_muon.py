@@ -86,7 +86,7 @@ def lipschitz_muon(
       param_labels: a tree or function giving ``labels.param_labels``-style labels
         (``"hidden"``, ``"embed"``, ``"head"``, ``"vector"``); default
         :func:`optax_ext.labels.param_labels`.
-      specs: fan-in/fan-out axes of hidden leaves (default: last two; leading axes a stack).
+      specs: fan-in/fan-out axes of hidden leaves (default :func:`optax_ext.labels.matrix_view`).
       seed: PRNG seed of the power iterations (spec_* methods); ``update(..., key=k)`` overrides.
 
     Returns:

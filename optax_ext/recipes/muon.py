@@ -42,7 +42,7 @@ def scale_by_muon(
       shape_rule: a key of :data:`optax_ext.SHAPE_RULES`: ``"sqrt_fan_out_over_fan_in"``
         (KellerJordan/Muon), ``"sqrt_max_dim"`` (unit RMS, Oct 2024 records) or ``"moonlight"``
         (``0.2 sqrt(max(fan_in, fan_out))``, AdamW-matched RMS).
-      specs: which axes are fan-in/fan-out (default: last two; leading axes are batch).
+      specs: which axes are fan-in/fan-out (default :func:`optax_ext.labels.matrix_view`).
       mu_dtype: momentum dtype (default: parameter dtype).
 
     Returns:
@@ -101,7 +101,8 @@ def muon(
         ``learning_rate`` (and ``optax.inject_hyperparams``); an explicit value wins.
       adam_b1, adam_b2, adam_eps: Default 0.9, 0.95, 1e-10.
       adam_weight_decay: decay of the auxiliary group; default ``weight_decay``.
-      param_labels: labels tree or function with values ``"hidden"``/``"other"``; default
+      param_labels: labels tree or function with values ``"hidden"``/``"other"`` or the four
+        labels of :func:`optax_ext.labels.param_labels`; default
         :func:`optax_ext.labels.hidden_matrices`.
 
     Returns:
