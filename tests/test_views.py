@@ -243,7 +243,7 @@ def test_fused_qkv_as_three_matrices():
         block = u[:, k * D : (k + 1) * D]
         np.testing.assert_allclose(block.T @ block, np.eye(D), atol=1e-5)
     with pytest.raises(ValueError, match="fan_out_splits=3"):
-        optax_ext.orthogonalize(specs=MatrixSpec(fan_out_splits=3)).init({"w": jnp.zeros((4, 5))})
+        matricize(jnp.zeros((4, 5)), spec=MatrixSpec(fan_out_splits=3))
 
 
 def test_ambiguous_nd_leaf_raises_with_the_fix():
@@ -263,7 +263,7 @@ def test_describe_table():
     rows = {r.path: r for r in d.rows}
     q = rows["ScanBlock_0/MultiHeadDotProductAttention_0/query/kernel"]
     assert q.label == "hidden" and q.view == (L, D, H * DH) and q.shape_factor == 1.0
-    assert rows["ScanBlock_0/Dense_0/kernel"].shape_factor == pytest.approx(np.sqrt(2.0))
+    assert rows["ScanBlock_0/Dense_1/kernel"].shape_factor == pytest.approx(np.sqrt(2.0))
     assert rows["logitdense/kernel"].label == "head" and rows["logitdense/kernel"].view is None
     text = str(d)
     assert "query/kernel" in text and f"{L} x {D} x {H * DH}" in text
