@@ -21,18 +21,33 @@ class MatrixSpec:
     spec reads the last two axes as ``(fan_in, fan_out)``, the layout of flax ``Dense`` kernels;
     any leading axes (stacked layers, heads, experts) are batch axes.
 
-    Example: a flax convolution kernel ``(kh, kw, in, out)`` treated as one matrix per kernel,
+    Recipes and primitives do not use this class default for N-D leaves unless told to: their
+    default is :func:`optax_ext.labels.matrix_view`, which reads the leaf's path (and flax
+    partitioning names when given) to find the true view of DenseGeneral, scanned and conv
+    kernels.
+
+    Examples: a flax convolution kernel ``(kh, kw, in, out)`` treated as one matrix per kernel,
     like the PyTorch references that view conv weights as ``(out, in * kh * kw)``::
 
         MatrixSpec(fan_in_axes=(0, 1, 2), fan_out_axes=(3,))
 
+    a DenseGeneral query kernel ``(embed, heads, head_dim)`` as one ``embed x heads*head_dim``
+    matrix, and a fused ``(d, 3 d)`` qkv kernel as three ``d x d`` matrices::
+
+        MatrixSpec(fan_in_axes=(0,), fan_out_axes=(1, 2))
+        MatrixSpec(fan_out_splits=3)
+
     Attributes:
       fan_in_axes: axes flattened into the fan-in (row) side of the view. Default ``(-2,)``.
       fan_out_axes: axes flattened into the fan-out (column) side of the view. Default ``(-1,)``.
+      fan_out_splits: the flattened fan-out side is ``k`` equal, independent matrices (a fused
+        ``[q | k | v]`` kernel: ``k = 3``); they become ``k`` more entries of the batch, the
+        split index after the batch axes. Default 1.
     """
 
     fan_in_axes: tuple[int, ...] = (-2,)
     fan_out_axes: tuple[int, ...] = (-1,)
+    fan_out_splits: int = 1
 
     def resolve(self, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """Returns ``(batch_axes, fan_in_axes, fan_out_axes)`` as non-negative axes for ``ndim``.
@@ -49,6 +64,8 @@ class MatrixSpec:
             )
         if len(set(named)) != len(named):
             raise ValueError(f"MatrixSpec names an axis twice: {self}")
+        if not isinstance(self.fan_out_splits, int) or self.fan_out_splits < 1:
+            raise ValueError(f"MatrixSpec.fan_out_splits must be a positive int: {self}")
         batch = tuple(a for a in range(ndim) if a not in named)
         return batch, fan_in, fan_out
 
@@ -60,13 +77,21 @@ def _normalize_axis(axis: int, ndim: int) -> int:
 
 
 SpecLike = MatrixSpec | Callable[[KeyPath, jax.Array], MatrixSpec] | None
-"""A single spec for every leaf, a function ``(path, leaf) -> MatrixSpec``, or None (default)."""
+"""A single spec for every leaf, a function ``(path, leaf) -> MatrixSpec``, or None (default:
+:func:`optax_ext.labels.matrix_view`, the view read from the leaf's path and shape)."""
 
 
 def spec_for(specs: SpecLike, path: KeyPath, leaf: Any) -> MatrixSpec:
-    """Returns the MatrixSpec that ``specs`` assigns to the leaf at ``path``."""
+    """Returns the MatrixSpec that ``specs`` assigns to the leaf at ``path``.
+
+    Raises:
+      ValueError: with ``specs=None``, for an N-D leaf whose view the default rule cannot tell
+        (see :func:`optax_ext.labels.matrix_view`).
+    """
     if specs is None:
-        return MatrixSpec()
+        from optax_ext import labels  # labels builds on this module
+
+        return labels.matrix_view(path, leaf)
     if isinstance(specs, MatrixSpec):
         return specs
     spec = specs(path, leaf)

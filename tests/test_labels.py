@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from helpers import small_params
@@ -53,3 +54,66 @@ def test_matrix_specs_from_the_same_rule():
     specs = labels.matrix_specs(rule)
     assert specs((), jnp.zeros((3, 3, 4, 8))) == conv
     assert specs((), jnp.zeros((4, 8))) == MatrixSpec()
+
+
+def test_untied_head_by_vocabulary_and_dense_general_biases():
+    params = {
+        "decoder": {
+            "Embed_0": {"embedding": jnp.zeros((50, 8))},
+            "posembed": {"pos_embedding": jnp.zeros((16, 8))},
+            "attn": {"query": {"kernel": jnp.zeros((8, 2, 4)), "bias": jnp.zeros((2, 4))}},
+            "mlp": {"kernel": jnp.zeros((8, 32))},
+            "logitdense": {"kernel": jnp.zeros((8, 50))},
+        }
+    }
+    lab = labels.param_labels(params)["decoder"]
+    assert lab["logitdense"]["kernel"] == "head" and lab["mlp"]["kernel"] == "hidden"
+    assert lab["attn"]["query"]["bias"] == "vector" and lab["attn"]["query"]["kernel"] == "hidden"
+    # two candidates with the vocabulary's fan-out: none is guessed
+    params["decoder"]["mlp"]["kernel"] = jnp.zeros((4, 50))
+    assert labels.param_labels(params)["decoder"]["logitdense"]["kernel"] == "hidden"
+
+
+def test_overrides_match_with_and_without_flax_box_paths():
+    import flax.linen as nn
+
+    boxed = {"attn_out_proj": {"kernel": nn.Partitioned(jnp.zeros((4, 4)), ("embed", "mlp"))}}
+    for pattern in (r".*attn_out_proj/kernel", r".*attn_out_proj/kernel/value"):
+        lab = labels.param_labels(boxed, overrides={pattern: "vector"})
+        assert jax.tree.leaves(lab) == ["vector"], pattern
+    assert jax.tree.leaves(labels.param_labels(boxed)) == ["hidden"]
+
+
+def test_recipes_accept_four_way_labels_or_say_what_they_expect():
+    params = small_params()
+    tx = optax_ext.muon(0.02, param_labels=labels.param_labels(params))
+    u, _ = tx.update(params, tx.init(params), params)
+    assert jax.tree.structure(u) == jax.tree.structure(params)
+    optax_ext.galore(param_labels=labels.param_labels).init(params)
+    bad = jax.tree.map(lambda _: "adam", params)
+    try:
+        optax_ext.muon(param_labels=bad).init(params)
+    except ValueError as e:
+        assert "'adam'" in str(e) and "'hidden'" in str(e) and "'vector'" in str(e)
+    else:
+        raise AssertionError("unknown labels must raise")
+
+
+def test_auxiliary_lr_follows_the_main_schedule():
+    params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
+    grads = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
+    schedule = optax.linear_schedule(0.0, 0.02, 10)
+    for make in (optax_ext.muon, optax_ext.normuon, optax_ext.auon, optax_ext.lipschitz_muon):
+        tx = make(schedule)
+        u, _ = tx.update(grads, tx.init(params), params)
+        assert float(jnp.abs(u["b"]).max()) == 0.0, make.__name__  # warm-up starts at 0
+        # an explicit value still wins
+        tx = make(schedule, adam_learning_rate=1e-3)
+        u, _ = tx.update(grads, tx.init(params), params)
+        assert float(jnp.abs(u["b"]).max()) > 0.0, make.__name__
+    # a scaled copy at the reference ratio, also through inject_hyperparams
+    tx = optax.inject_hyperparams(optax_ext.muon)(learning_rate=0.04)
+    u, _ = tx.update(grads, tx.init(params), params)
+    ref = optax_ext.muon(0.04, adam_learning_rate=0.04 * 3e-4 / 0.02)
+    u_ref, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(u["b"], u_ref["b"], rtol=1e-6)

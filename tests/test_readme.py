@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,3 +42,18 @@ def test_experiment_commands_in_the_readme_parse():
             for name in cfg.optimizers:
                 registry.get(name)
     assert {"experiments.train", "experiments.compare", "experiments.memory"} <= seen
+
+
+def test_trainer_section_runs_and_its_table_matches_describe(capsys):
+    text = README.read_text()
+    section = re.search(r"## Use it in your trainer\n(.*?)\n## ", text, re.S).group(1)
+    code, table = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    for line in table.strip().splitlines():
+        assert line in printed, line
+    tx, params, opt_state = scope["tx"], scope["params"], scope["opt_state"]
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, opt_state, params)
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))

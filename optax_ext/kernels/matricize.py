@@ -34,18 +34,30 @@ def matrix_shape(shape: Sequence[int], spec: MatrixSpec | None = None) -> tuple[
       spec: which axes are fan-in and fan-out; default: the last two.
 
     Returns:
-      The 3-tuple ``(prod(batch axes), prod(fan-in axes), prod(fan-out axes))``.
+      The 3-tuple ``(prod(batch axes) * k, prod(fan-in axes), prod(fan-out axes) / k)`` with
+      ``k = spec.fan_out_splits``.
+
+    Raises:
+      ValueError: if the fan-out side does not split into ``k`` equal parts.
     """
     spec = spec or MatrixSpec()
     batch, fan_in, fan_out = spec.resolve(len(shape))
     size = lambda axes: int(math.prod(shape[a] for a in axes))  # noqa: E731
-    return size(batch), size(fan_in), size(fan_out)
+    k = spec.fan_out_splits
+    if size(fan_out) % k:
+        raise ValueError(
+            f"fan-out {size(fan_out)} of shape {tuple(shape)} does not split into "
+            f"fan_out_splits={k} equal parts"
+        )
+    return size(batch) * k, size(fan_in), size(fan_out) // k
 
 
 def batch_shape(shape: Sequence[int], spec: MatrixSpec | None = None) -> tuple[int, ...]:
-    """The batch axes' sizes (in order) of the matrix view of an array of ``shape``."""
-    batch, _, _ = (spec or MatrixSpec()).resolve(len(shape))
-    return tuple(shape[a] for a in batch)
+    """The batch sizes (in order) of the matrix view: the batch axes, then the fan-out splits."""
+    spec = spec or MatrixSpec()
+    batch, _, _ = spec.resolve(len(shape))
+    splits = (spec.fan_out_splits,) if spec.fan_out_splits > 1 else ()
+    return tuple(shape[a] for a in batch) + splits
 
 
 def matricize(x: jax.Array, *, spec: MatrixSpec | None = None) -> jax.Array:
@@ -57,13 +69,19 @@ def matricize(x: jax.Array, *, spec: MatrixSpec | None = None) -> jax.Array:
 
     Returns:
       Array of shape ``(batch, fan_in, fan_out)``; a transpose (if needed) and a reshape of ``x``.
+      With ``spec.fan_out_splits = k`` the ``k`` column blocks of each matrix are ``k`` entries
+      of the batch (the block index varies fastest).
     """
     spec = spec or MatrixSpec()
     perm, _ = _permutation(x.ndim, spec)
     b, m, n = matrix_shape(x.shape, spec)
     if perm != list(range(x.ndim)):
         x = jnp.transpose(x, perm)
-    return x.reshape(b, m, n)
+    k = spec.fan_out_splits
+    if k == 1:
+        return x.reshape(b, m, n)
+    x = x.reshape(b // k, m, k, n)
+    return jnp.swapaxes(x, 1, 2).reshape(b, m, n)
 
 
 def unmatricize(y: jax.Array, *, shape: Sequence[int], spec: MatrixSpec | None = None) -> jax.Array:
@@ -79,6 +97,10 @@ def unmatricize(y: jax.Array, *, shape: Sequence[int], spec: MatrixSpec | None =
     """
     spec = spec or MatrixSpec()
     perm, _ = _permutation(len(shape), spec)
+    k = spec.fan_out_splits
+    if k > 1:
+        b, m, n = y.shape
+        y = jnp.swapaxes(y.reshape(b // k, k, m, n), 1, 2)
     permuted_shape = [shape[a] for a in perm]
     y = y.reshape(permuted_shape)
     if perm != list(range(len(shape))):

@@ -34,9 +34,10 @@ def orthogonalize(
         steps), :class:`~optax_ext.kernels.PolarSVD` (exact) or any batched callable
         ``(b, m, n) -> (b, m, n)`` (a callable argument must be a ``static_args`` of
         ``optax.inject_hyperparams``, which otherwise treats it as a schedule).
-      specs: which axes are fan-in/fan-out (default: the last two; leading axes are batch, so a
-        stacked ``(layers, in, out)`` kernel is a batch of matrices). The polar factor is
-        transpose-equivariant, so the fan-in/fan-out choice only matters for N-D leaves.
+      specs: which axes are fan-in/fan-out (default :func:`optax_ext.labels.matrix_view`: 2-D
+        leaves as ``(in, out)``; DenseGeneral, ``nn.scan``-stacked and conv kernels in their
+        true view; ambiguous N-D leaves raise). The polar factor is transpose-equivariant, so
+        the fan-in/fan-out choice only matters for N-D leaves.
 
     Returns:
       A stateless ``optax.GradientTransformation``.
@@ -117,9 +118,11 @@ def scale_by_shape(
     Args:
       rule: a key of :data:`SHAPE_RULES`. Default ``"sqrt_fan_out_over_fan_in"`` =
         ``sqrt(max(1, fan_out / fan_in))`` (Muon).
-      specs: which axes are fan-in/fan-out; the factor uses the sizes of the flattened matrix view
-        (for a PyTorch conv weight the Muon reference instead reads the kernel's last two dims;
-        we use the flattened view on purpose).
+      specs: which axes are fan-in/fan-out (default :func:`optax_ext.labels.matrix_view`, the
+        view every matrix primitive uses); the factor uses the sizes of the flattened matrix
+        view (``embed x heads*head_dim`` for a DenseGeneral query kernel; for a PyTorch conv
+        weight the Muon reference instead reads the kernel's last two dims; we use the
+        flattened view on purpose).
 
     Returns:
       A stateless ``optax.GradientTransformation``.

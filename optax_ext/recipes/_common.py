@@ -66,11 +66,45 @@ def hidden_and_other(
       hidden: transformation for leaves labelled ``"hidden"``.
       other: transformation for the rest (embeddings, head, vectors).
       param_labels: a labels tree or ``params -> labels`` function with values ``"hidden"`` and
-        ``"other"``; default :func:`optax_ext.labels.hidden_matrices`.
+        ``"other"``, or the four labels of :func:`optax_ext.labels.param_labels` (``"embed"``,
+        ``"head"``, ``"vector"`` go to ``other``); default
+        :func:`optax_ext.labels.hidden_matrices`. Any other label raises a ValueError listing
+        the labels found and expected.
     """
-    return optax.partition(
-        {"hidden": hidden, "other": other}, param_labels or labels.hidden_matrices
-    )
+    if param_labels is None:
+        two_way = labels.hidden_matrices
+    elif callable(param_labels):
+        given = param_labels
+        two_way = lambda params: labels.as_hidden_and_other(given(params))  # noqa: E731
+    else:
+        two_way = labels.as_hidden_and_other(param_labels)
+    return optax.partition({"hidden": hidden, "other": other}, two_way)
+
+
+def auxiliary_learning_rate(
+    adam_learning_rate: optax.ScalarOrSchedule | None,
+    learning_rate: optax.ScalarOrSchedule,
+    ratio: float,
+) -> optax.ScalarOrSchedule:
+    """The auxiliary (AdamW) lr of a recipe: the explicit value, else ``ratio * learning_rate``.
+
+    The default follows the main lr's schedule (warm-up, decay) the way a PyTorch scheduler
+    scales every parameter group; ``ratio`` is the reference's auxiliary lr over its main lr.
+
+    Args:
+      adam_learning_rate: the user's auxiliary lr (scalar or schedule), or None.
+      learning_rate: the main lr: a scalar, a schedule, or the array that
+        ``optax.inject_hyperparams`` passes.
+      ratio: reference auxiliary lr / reference main lr.
+
+    Returns:
+      ``adam_learning_rate`` if given, else the scaled copy of ``learning_rate``.
+    """
+    if adam_learning_rate is not None:
+        return adam_learning_rate
+    if callable(learning_rate):
+        return lambda count: ratio * learning_rate(count)
+    return ratio * learning_rate
 
 
 def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -63,6 +63,10 @@ def scale_by_auon(
     return optax.chain(mom, *ortho, scale_by_cosh_rms(gamma, specs=specs))
 
 
+AUON_ADAM_LR_RATIO = 8e-3 / 0.24
+"""AuON's auxiliary Adam lr over its main lr (the package's class defaults)."""
+
+
 def auon(
     learning_rate: optax.ScalarOrSchedule = 0.24,
     beta: float = 0.95,
@@ -73,7 +77,7 @@ def auon(
     nesterov: bool = True,
     ns: NewtonSchulz = NewtonSchulz(dtype="float32"),
     v1_dtype: str | None = "bfloat16",
-    adam_learning_rate: optax.ScalarOrSchedule = 8e-3,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.8,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
@@ -105,7 +109,9 @@ def auon(
         unit-norm direction with the KJ factor ``sqrt(max(1, fan_out / fan_in))``).
       nesterov, ns, v1_dtype, specs, mu_dtype: see :func:`scale_by_auon`; the statistics are per
         matrix of the ``(fan_in, fan_out)`` view.
-      adam_learning_rate: Default 8e-3 (README). adam_b1, adam_b2, adam_eps: 0.8, 0.95, 1e-8.
+      adam_learning_rate: Default ``learning_rate / 30`` (the package defaults 8e-3 and 0.24),
+        a scaled copy that follows a schedule passed as ``learning_rate``; an explicit value
+        wins. adam_b1, adam_b2, adam_eps: 0.8, 0.95, 1e-8.
       adam_weight_decay: Default 0.01 (``auon.Adam`` default).
       param_labels: as :func:`optax_ext.muon`.
 
@@ -149,6 +155,9 @@ def auon(
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
+    adam_learning_rate = _common.auxiliary_learning_rate(
+        adam_learning_rate, learning_rate, AUON_ADAM_LR_RATIO
+    )
     other = _common.adamw(
         adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, bias_correction="hf"
     )
@@ -163,7 +172,7 @@ def hybrid_auon(
     gamma: float = 1.5,
     nesterov: bool = True,
     ns: NewtonSchulz = NewtonSchulz(dtype="float32"),
-    adam_learning_rate: optax.ScalarOrSchedule = 8e-3,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.8,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -23,13 +24,13 @@ from optax_ext.recipes import _common
 def cosmos_labels(params: Any, *, max_dim: int = 10000) -> Any:
     """``"hidden"`` for hidden matrices whose fan-out is <= ``max_dim``, else ``"other"``."""
 
-    def label(path, x):
-        if labels.DEFAULT_RULE.label(path, x) != labels.HIDDEN:
+    def label(path, x, lab):
+        if lab != labels.HIDDEN:
             return "other"
         spec = labels.DEFAULT_RULE.matrix_spec(path, x)
         return labels.HIDDEN if matrix_shape(jnp.shape(x), spec)[2] <= max_dim else "other"
 
-    return labels.map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(label, params, labels.param_labels(params))
 
 
 def cosmos(

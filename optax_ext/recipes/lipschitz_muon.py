@@ -39,7 +39,7 @@ def lipschitz_muon(
     max_inflation: float = 16.0,
     head: str = "matrix",
     ns: NewtonSchulz | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     param_labels: Any | Callable[[Any], Any] | None = None,
     specs: SpecLike = None,
     seed: int = 0,
@@ -80,11 +80,13 @@ def lipschitz_muon(
         treatment along the head kernel's fan-in axis).
       ns: orthogonalization spec; default (None) the reference's six-step iteration
         (:data:`optax_ext.kernels.spectral.LIPSCHITZ_ORTHO`).
-      adam_learning_rate: lr of the AdamW used for vectors. Default 3e-4.
+      adam_learning_rate: lr of the AdamW used for vectors. Default ``0.003 * learning_rate``
+        (3e-4 at the default lr 0.1), following a schedule passed as ``learning_rate``; an
+        explicit value wins.
       param_labels: a tree or function giving ``labels.param_labels``-style labels
         (``"hidden"``, ``"embed"``, ``"head"``, ``"vector"``); default
         :func:`optax_ext.labels.param_labels`.
-      specs: fan-in/fan-out axes of hidden leaves (default: last two; leading axes a stack).
+      specs: fan-in/fan-out axes of hidden leaves (default :func:`optax_ext.labels.matrix_view`).
       seed: PRNG seed of the power iterations (spec_* methods); ``update(..., key=k)`` overrides.
 
     Returns:
@@ -163,7 +165,9 @@ def lipschitz_muon(
     transforms = {
         "hidden": matrices(),
         "embed": tokens(-1),
-        "vector": _common.adamw(adam_learning_rate),
+        "vector": _common.adamw(
+            _common.auxiliary_learning_rate(adam_learning_rate, learning_rate, 3e-4 / 0.1)
+        ),
     }
     if head == "tokens":
         transforms["head"] = tokens(-2)

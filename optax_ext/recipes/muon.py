@@ -42,7 +42,7 @@ def scale_by_muon(
       shape_rule: a key of :data:`optax_ext.SHAPE_RULES`: ``"sqrt_fan_out_over_fan_in"``
         (KellerJordan/Muon), ``"sqrt_max_dim"`` (unit RMS, Oct 2024 records) or ``"moonlight"``
         (``0.2 sqrt(max(fan_in, fan_out))``, AdamW-matched RMS).
-      specs: which axes are fan-in/fan-out (default: last two; leading axes are batch).
+      specs: which axes are fan-in/fan-out (default :func:`optax_ext.labels.matrix_view`).
       mu_dtype: momentum dtype (default: parameter dtype).
 
     Returns:
@@ -55,6 +55,10 @@ def scale_by_muon(
     )
 
 
+MUON_ADAM_LR_RATIO = 3e-4 / 0.02
+"""Muon's auxiliary Adam lr over its main lr in the reference (KellerJordan/Muon README)."""
+
+
 def muon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     beta: float = 0.95,
@@ -64,7 +68,7 @@ def muon(
     ema: bool = True,
     ns: NewtonSchulz | PolarSVD = NewtonSchulz.muon(),
     shape_rule: str = "sqrt_fan_out_over_fan_in",
-    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-10,
@@ -92,10 +96,13 @@ def muon(
       nesterov, ema, ns, shape_rule, specs, mu_dtype: see :func:`scale_by_muon`. The
         orthogonalization acts on the ``(fan_in, fan_out)`` view of each flax ``(in, out)``
         kernel; the KJ factor is ``sqrt(max(1, fan_out / fan_in))``.
-      adam_learning_rate: lr of the auxiliary Adam. Default 3e-4.
+      adam_learning_rate: lr of the auxiliary Adam. Default ``0.015 * learning_rate`` (the
+        reference's 3e-4 at lr 0.02), a scaled copy that follows a schedule passed as
+        ``learning_rate`` (and ``optax.inject_hyperparams``); an explicit value wins.
       adam_b1, adam_b2, adam_eps: Default 0.9, 0.95, 1e-10.
       adam_weight_decay: decay of the auxiliary group; default ``weight_decay``.
-      param_labels: labels tree or function with values ``"hidden"``/``"other"``; default
+      param_labels: labels tree or function with values ``"hidden"``/``"other"`` or the four
+        labels of :func:`optax_ext.labels.param_labels`; default
         :func:`optax_ext.labels.hidden_matrices`.
 
     Returns:
@@ -142,7 +149,7 @@ def muon(
         optax.scale_by_learning_rate(learning_rate),
     )
     other = _common.adamw(
-        adam_learning_rate,
+        _common.auxiliary_learning_rate(adam_learning_rate, learning_rate, MUON_ADAM_LR_RATIO),
         adam_b1,
         adam_b2,
         adam_eps,

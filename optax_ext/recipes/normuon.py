@@ -13,6 +13,7 @@ from optax_ext.primitives.moments import momentum
 from optax_ext.primitives.normalize import scale_by_neuron_norm
 from optax_ext.primitives.orthogonalize import orthogonalize, scale_by_shape
 from optax_ext.recipes import _common
+from optax_ext.recipes.muon import MUON_ADAM_LR_RATIO
 
 
 def normuon(
@@ -28,7 +29,7 @@ def normuon(
     eps_inside: bool = False,
     rescale: str = "preserve_norm",
     shape_rule: str | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-10,
@@ -64,7 +65,8 @@ def normuon(
       shape_rule: default ``"sqrt_fan_out_over_fan_in"`` for ``preserve_norm`` and ``"none"`` for
         ``match_rms``.
       adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the auxiliary Adam
-        (defaults 3e-4, 0.9, 0.95, 1e-10, ``weight_decay``).
+        (defaults ``0.015 * learning_rate`` (3e-4 at lr 0.02, following the main schedule; an
+        explicit value wins), 0.9, 0.95, 1e-10, ``weight_decay``).
       param_labels, specs, mu_dtype: as :func:`optax_ext.muon`.
 
     Returns:
@@ -108,7 +110,7 @@ def normuon(
         optax.scale_by_learning_rate(learning_rate),
     )
     other = _common.adamw(
-        adam_learning_rate,
+        _common.auxiliary_learning_rate(adam_learning_rate, learning_rate, MUON_ADAM_LR_RATIO),
         adam_b1,
         adam_b2,
         adam_eps,

@@ -90,7 +90,7 @@ def test_projection_is_applied_to_the_reference_layout():
 
 def test_stacked_leaves_are_projected_per_matrix_without_dividing_by_the_stack():
     w = jnp.stack([separated(16, 16, 2.0, 1.5, seed=i) for i in range(3)])
-    tx = optax_ext.constrain_spectral_norm("pure_svd")
+    tx = optax_ext.constrain_spectral_norm("pure_svd", specs=optax_ext.MatrixSpec())
     new = w + tx.update(jnp.zeros_like(w), tx.init(w), w)[0]
     for i in range(3):
         np.testing.assert_allclose(rms_norm(new[i]), 1.0, rtol=1e-5)

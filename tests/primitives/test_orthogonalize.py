@@ -27,7 +27,7 @@ def hidden_only(params):
 def test_matches_kernel_leaf_by_leaf_with_bucketing():
     rng = np.random.default_rng(0)
     g = {
-        f"w{i}": jnp.asarray(rng.standard_normal(s), jnp.float32)
+        f"w{i}" if len(s) == 2 else "stack": jnp.asarray(rng.standard_normal(s), jnp.float32)
         for i, s in enumerate([(8, 16), (8, 16), (16, 8), (3, 8, 16)])
     }
     tx = optax_ext.orthogonalize(NS32)
@@ -52,9 +52,12 @@ def test_conv_spec_orthogonalizes_whole_kernel():
     u, _ = tx.update({"conv": w}, tx.init({"conv": w}))
     m = np.asarray(u["conv"]).reshape(36, 8)
     np.testing.assert_allclose(m.T @ m, np.eye(8), atol=1e-5)
-    # default spec: leading axes are batch -> each (4, 8) slice is orthogonalized on its own
+    # default view of a leaf under a conv name: the same whole-kernel matrix
     u2, _ = optax_ext.orthogonalize(PolarSVD()).update({"conv": w}, optax.EmptyState())
-    np.testing.assert_allclose(u2["conv"][1, 2] @ u2["conv"][1, 2].T, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(u2["conv"], u["conv"], atol=1e-5)
+    # MatrixSpec(): leading axes are batch -> each (4, 8) slice is orthogonalized on its own
+    u3, _ = optax_ext.orthogonalize(PolarSVD(), specs=MatrixSpec()).update({"w": w}, None)
+    np.testing.assert_allclose(u3["w"][1, 2] @ u3["w"][1, 2].T, np.eye(4), atol=1e-5)
 
 
 def test_vector_leaf_error_names_path_shape_and_rule():
@@ -112,8 +115,8 @@ def test_bf16_updates_stay_bf16():
 )
 def test_scale_by_shape_rules(rule, shape, factor):
     tx = optax_ext.scale_by_shape(rule)
-    u, _ = tx.update({"w": jnp.ones((2, *shape))}, tx.init(None))
-    np.testing.assert_allclose(u["w"], factor, rtol=1e-6)
+    u, _ = tx.update({"stack": jnp.ones((2, *shape))}, tx.init(None))
+    np.testing.assert_allclose(u["stack"], factor, rtol=1e-6)
 
 
 def test_scale_by_shape_unknown_rule():

@@ -40,7 +40,7 @@ def test_round_trip_stays_in_subspace_and_identity_inner():
     rng = np.random.default_rng(0)
     g = {
         "a": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32),
-        "b": jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32),
+        "stack": jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32),
     }
     tx = optax_ext.project_low_rank(optax.identity(), SVDProjector(rank=3, update_every=5))
     state = tx.init(g)
@@ -48,7 +48,7 @@ def test_round_trip_stays_in_subspace_and_identity_inner():
     for k in g:
         q = state.basis[k]
         assert q.shape[-1] == 3
-        # u = Q Q^T g (fan-in, smaller side) for "a"; fan-out for "b"
+        # u = Q Q^T g (fan-in, smaller side) for "a"; fan-out for "stack"
         if k == "a":
             proj = q @ jnp.swapaxes(q, -1, -2) @ g[k]
         else:

@@ -101,5 +101,5 @@ def test_nonesterov_fix_uses_momentum_and_edge_cases():
     assert not np.allclose(u1["w"], u2["w"])
     for x in (jnp.zeros((2, 6, 8)), jnp.ones((2, 6, 8), jnp.bfloat16)):
         tx = optax_ext.cosmos(subspace=OnlinePCA(2))
-        u, _ = tx.update({"w": x}, tx.init({"w": x}), {"w": x})
-        assert u["w"].dtype == x.dtype and bool(jnp.isfinite(u["w"]).all())
+        u, _ = tx.update({"stack": x}, tx.init({"stack": x}), {"stack": x})
+        assert u["stack"].dtype == x.dtype and bool(jnp.isfinite(u["stack"]).all())
