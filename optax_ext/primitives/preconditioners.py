@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._types import is_masked, leaf_error, leaves_with_path
-from optax_ext.kernels import sharding
+from optax_ext._types import is_masked, leaves_with_path
+from optax_ext.kernels import lapack, scaled, sharding
 from optax_ext.kernels.matricize import bucket_apply
 from optax_ext.kernels.newton_schulz import NewtonSchulz
 from optax_ext.primitives._matrices import MatrixLeaves
@@ -50,6 +50,9 @@ class ScaleBySoapState(NamedTuple):
         None for axes without one (larger than ``max_precond_dim``, or 1-D leaves without
         ``precondition_1d``): the tree structure never changes.
       q: per leaf, the eigenbases matching ``gg`` (parameter dtype).
+      gg_exponent: per leaf, an int32 scalar per factor of ``gg`` (None where ``gg`` is None):
+        the Gram factor is ``gg * 2**gg_exponent`` (0 unless gradients reached ``2**40``;
+        see :mod:`optax_ext.kernels.scaled`), so it never overflows float32.
     """
 
     count: chex.Array
@@ -57,6 +60,7 @@ class ScaleBySoapState(NamedTuple):
     nu: optax.Updates
     gg: Any
     q: Any
+    gg_exponent: Any
 
 
 def merged_shape(shape: Sequence[int], max_dim: int, merge: bool) -> tuple[int, ...]:
@@ -106,7 +110,7 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
 
 def _eigh_descending(gg: jax.Array) -> jax.Array:
     d = gg.shape[-1]
-    _, vecs = jnp.linalg.eigh(gg + 1e-30 * jnp.eye(d, dtype=gg.dtype))
+    _, vecs = lapack.eigh(gg + 1e-30 * jnp.eye(d, dtype=gg.dtype))
     return vecs[..., ::-1]
 
 
@@ -115,7 +119,7 @@ def _power_qr(gg: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     est = jnp.einsum("bij,bik,bkj->bj", q, gg, q, precision=hp)  # diag(Q^T GG Q)
     perm = jnp.argsort(-est, axis=-1)
     q = jnp.take_along_axis(q, perm[:, None, :], axis=-1)
-    q, _ = jnp.linalg.qr(jnp.matmul(gg, q, precision=hp))
+    q = lapack.qr(jnp.matmul(gg, q, precision=hp))
     return q, perm
 
 
@@ -189,23 +193,26 @@ def scale_by_soap(
 
     def init_fn(params):
         pairs, treedef = leaves_with_path(params)
-        gg, q = [], []
+        gg, q, ge = [], [], []
         for _, x in pairs:
             if is_masked(x):
                 gg.append(x)
                 q.append(x)
+                ge.append(x)
                 continue
             mshape, has = factors(jnp.shape(x))
             gg.append(
                 tuple(jnp.zeros((d, d), jnp.float32) if h else None for d, h in zip(mshape, has))
             )
             q.append(tuple(jnp.zeros((d, d), x.dtype) if h else None for d, h in zip(mshape, has)))
+            ge.append(tuple(jnp.zeros([], jnp.int32) if h else None for h in has))
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
             gg=treedef.unflatten(gg),
             q=treedef.unflatten(q),
+            gg_exponent=treedef.unflatten(ge),
         )
 
     def hook(index, axis, count, basis):
@@ -227,16 +234,21 @@ def scale_by_soap(
         count = state.count
         t = count.astype(jnp.float32)  # real updates including this one, from call 2 on
 
+        ges = [list(flat(state.gg_exponent)[i]) for i in active]
+
         # Statistics with this step's gradient (used after the step, so G never preconditions
-        # itself). On the first call GG starts at 0 so the EMA gives (1 - bs) G G^T.
-        new_gg = []
-        for g, gg, (_, has) in zip(gms, ggs, shapes):
-            new_gg.append(
-                [
-                    bs * f + (1 - bs) * gram(g, a) if h else f
-                    for a, (f, h) in enumerate(zip(gg, has))
-                ]
-            )
+        # itself). On the first call GG starts at 0 so the EMA gives (1 - bs) G G^T. Kept as
+        # value * 2**exponent: the gradient is scaled by a power of two before it is squared.
+        new_gg, new_ge = [], []
+        for g, gg, ge, (_, has) in zip(gms, ggs, ges, shapes):
+            eg = scaled.safe_exponent(g)
+            gs = scaled.scale_down(g, eg)
+            pairs_a = [
+                scaled.ema(f, e, gram(gs, a), 2 * eg, bs) if h else (f, e)
+                for a, (f, e, h) in enumerate(zip(gg, ge, has))
+            ]
+            new_gg.append([p[0] for p in pairs_a])
+            new_ge.append([p[1] for p in pairs_a])
 
         def first_call():
             items, where = [], []
@@ -313,6 +325,7 @@ def scale_by_soap(
             nu=rebuild(new_v, state.nu, reshape_as),
             gg=rebuild([tuple(g) for g in new_gg], state.gg),
             q=rebuild([tuple(q) for q in new_q], state.q),
+            gg_exponent=rebuild([tuple(e) for e in new_ge], state.gg_exponent),
         )
 
     return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
@@ -323,10 +336,19 @@ class OnlinePCA:
     """COSMOS's input-side basis: rank-``rank`` online PCA of ``G^T G`` (static spec).
 
     Attributes:
-      rank: basis size ``r`` (must not exceed the fan-in size). Default 64.
+      rank: basis size ``r``, capped per matrix at its fan-in size (see :meth:`rank_for`), as
+        the other low-rank transformations cap theirs. Default 64.
     """
 
     rank: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"OnlinePCA: rank must be a positive int, got {self.rank!r}")
+
+    def rank_for(self, fan_in: int) -> int:
+        """The basis size for a matrix with ``fan_in`` inputs: ``min(rank, fan_in)``."""
+        return min(self.rank, fan_in)
 
 
 class ScaleByCosmosState(NamedTuple):
@@ -337,7 +359,12 @@ class ScaleByCosmosState(NamedTuple):
       mu: sum-form momentum ``M`` (param-shaped).
       nu: second moment of ``G P``, ``(*batch, fan_out, r)``.
       basis: ``P``, ``(*batch, fan_in, r)``.
-      gram: ``S``, the projected Gram EMA, ``(*batch, r, r)``.
+      gram: ``S``, the projected Gram EMA, ``(*batch, r, r)``, stored divided by
+        ``2**gram_exponent``.
+      gram_exponent: ``(*batch,)`` int32, 0 unless gradients reached ``2**40`` (see
+        :mod:`optax_ext.kernels.scaled`): ``S`` never overflows float32.
+
+    ``r`` is ``subspace.rank_for(fan_in)`` for each leaf.
     """
 
     count: chex.Array
@@ -345,6 +372,7 @@ class ScaleByCosmosState(NamedTuple):
     nu: optax.Updates
     basis: optax.Updates
     gram: optax.Updates
+    gram_exponent: optax.Updates
 
 
 def scale_by_cosmos(
@@ -373,10 +401,14 @@ def scale_by_cosmos(
         O = NS5(U - U P P^T);   O <- sqrt(mn) O / (||O|| + eps)
         D = A + gamma O;   u = sqrt(mn) D / (||D|| + eps)
 
+    Same-shaped matrices are processed together, one batched call per shape (and laid out
+    "owner computes" on a device mesh, see :func:`optax_ext.kernels.bucket_apply`).
+
     Args:
       b1, b2, eps: Defaults 0.9, 0.999, 1e-8 (class; README: 0.95, 0.95).
-      subspace: :class:`OnlinePCA` with the rank (default 64). The basis spans the fan-in side
-        of a flax ``(in, out)`` kernel (the PyTorch input dimension), always.
+      subspace: :class:`OnlinePCA` with the rank (default 64), capped at each matrix's fan-in
+        size. The basis spans the fan-in side of a flax ``(in, out)`` kernel (the PyTorch
+        input dimension), always.
       gamma: weight of the Muon part. Default 0.2.
       nesterov: Default True.
       use_momentum_without_nesterov: with ``nesterov=False`` the reference ignores the momentum
@@ -389,11 +421,16 @@ def scale_by_cosmos(
       has RMS exactly 1 (Frobenius norm ``sqrt(mn)``).
 
     Raises:
-      ValueError: in ``init`` for a leaf with ``ndim < 2`` or a rank above its fan-in size.
+      ValueError: in ``init`` for a leaf with ``ndim < 2``.
 
     References:
       Liu et al., 2025, "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of
       LLMs", arXiv 2502.17410; code: github.com/lliu606/COSMOS (``COSMOS_optim.py`` at 61de180).
+
+    Notes:
+      ``S`` and ``G^T G`` are kept with a power-of-two exponent, so gradients up to the float32
+      range leave the basis finite; ``V`` is an Adam second moment and saturates at ``inf``
+      for gradients above ``~1e19``, as Adam's does (that step's adaptive part is then 0).
 
     Example:
       >>> import jax.numpy as jnp, optax_ext
@@ -404,31 +441,27 @@ def scale_by_cosmos(
       ((4, 2), 1.0)
     """
     ns = NewtonSchulz.muon() if ns is None else ns
-    r = subspace.rank
     who = "scale_by_cosmos"
     hp = jax.lax.Precision.HIGHEST
     mm = lambda a, b: jnp.matmul(a, b, precision=hp)  # noqa: E731
     tr = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
 
-    def check(leaves):
-        for path, (_, n_in, _) in zip(leaves.paths(), leaves.matrix_shapes()):
-            if r > n_in:
-                raise leaf_error(path, (n_in,), f"COSMOS rank {r} exceeds the fan-in size {n_in}")
-
     def init_fn(params):
         leaves = MatrixLeaves(params, specs, who)
-        check(leaves)
         shapes = leaves.matrix_shapes()
+        ranks = [subspace.rank_for(n_in) for _, n_in, _ in shapes]
         dts = [x.dtype for x in leaves.leaves(params)]
-        nu = [jnp.zeros((b, m_out, r), d) for (b, _, m_out), d in zip(shapes, dts)]
-        basis = [jnp.zeros((b, n_in, r), d) for (b, n_in, _), d in zip(shapes, dts)]
-        gram = [jnp.zeros((b, r, r), jnp.float32) for b, _, _ in shapes]
+        nu = [jnp.zeros((b, m_out, r), d) for (b, _, m_out), r, d in zip(shapes, ranks, dts)]
+        basis = [jnp.zeros((b, n_in, r), d) for (b, n_in, _), r, d in zip(shapes, ranks, dts)]
+        gram = [jnp.zeros((b, r, r), jnp.float32) for (b, _, _), r in zip(shapes, ranks)]
+        expo = [jnp.zeros((b,), jnp.int32) for b, _, _ in shapes]
         return ScaleByCosmosState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=leaves.stored(nu, params),
             basis=leaves.stored(basis, params),
             gram=leaves.stored(gram, params),
+            gram_exponent=leaves.stored(expo, params),
         )
 
     def update_fn(updates, state, params=None):
@@ -440,33 +473,34 @@ def scale_by_cosmos(
         c1 = (1 - b1**t) / (1 - b1)
         c2 = 1 - b2**t
         mu = jax.tree.map(lambda g, m: b1 * m + g, updates, state.mu)
-        outs, nus, bases, grams = [], [], [], []
-        for g, m, v, p_old, s_old in zip(
-            leaves.views(updates),
-            leaves.views(mu),
-            leaves.unstored(state.nu),
-            leaves.unstored(state.basis),
-            leaves.unstored(state.gram),
-        ):
+
+        def step(g, m, v, p_old, s_old, e_old):
+            """One bucket of same-shaped matrices, ``(b, fan_in, fan_out)`` views."""
             dtype = g.dtype
             g, m = tr(g.astype(jnp.float32)), tr(m.astype(jnp.float32))  # torch (m, n)
             p_old, v = p_old.astype(jnp.float32), v.astype(jnp.float32)
-            gtg = mm(tr(g), g)
+            r = p_old.shape[-1]
+            eg = scaled.safe_exponent(g, axes=(-2, -1))  # G = gs 2**eg, exactly
+            gs = scaled.scale_down(g, eg)
+            gtg = mm(tr(gs), gs)  # G^T G 2**(-2 eg)
 
-            def init_basis(g=g, gtg=gtg):
-                u, _, _ = jnp.linalg.svd(gtg, full_matrices=False)
+            def init_basis():
+                u, _, _ = lapack.svd(gtg)
                 p = u[..., :r]
-                gp = mm(g, p)
-                return p, (1 - b2) * mm(tr(gp), gp)
+                gp = mm(gs, p)
+                zero = jnp.zeros_like(s_old)
+                return (p, *scaled.ema(zero, jnp.zeros_like(e_old), mm(tr(gp), gp), 2 * eg, b2))
 
-            def track_basis(g=g, gtg=gtg, p_old=p_old, s_old=s_old):
-                p_hat = b2 * mm(p_old, s_old) + (1 - b2) * mm(gtg, p_old)
-                p, _ = jnp.linalg.qr(p_hat)
+            def track_basis():
+                e = jnp.maximum(e_old, 2 * eg)
+                s_al = jnp.ldexp(s_old, (e_old - e)[:, None, None])
+                gtg_al = jnp.ldexp(gtg, (2 * eg - e)[:, None, None])
+                p = lapack.qr(b2 * mm(p_old, s_al) + (1 - b2) * mm(gtg_al, p_old))
                 tt = mm(tr(p_old), p)
-                gp = mm(g, p)
-                return p, b2 * mm(mm(tr(tt), s_old), tt) + (1 - b2) * mm(tr(gp), gp)
+                gp = mm(gs, p)
+                return (p, *scaled.ema(mm(mm(tr(tt), s_old), tt), e_old, mm(tr(gp), gp), 2 * eg, b2))
 
-            p, s = jax.lax.cond(first, init_basis, track_basis)
+            p, s, e = jax.lax.cond(first, init_basis, track_basis)
             gp = mm(g, p)
             v = b2 * v + (1 - b2) * gp * gp
             if nesterov:
@@ -481,16 +515,26 @@ def scale_by_cosmos(
             o = size * o / (fro(o) + eps)
             d = a + gamma * o
             d = size * d / (fro(d) + eps)
-            outs.append(tr(d).astype(dtype))
-            nus.append(v.astype(dtype))
-            bases.append(p.astype(dtype))
-            grams.append(s)
-        return leaves.restore(outs, like=updates), ScaleByCosmosState(
+            return tr(d).astype(dtype), v.astype(dtype), p.astype(dtype), s, e
+
+        items = list(
+            zip(
+                leaves.views(updates),
+                leaves.views(mu),
+                leaves.unstored(state.nu),
+                leaves.unstored(state.basis),
+                leaves.unstored(state.gram),
+                leaves.unstored(state.gram_exponent),
+            )
+        )
+        outs, nus, bases, grams, expos = zip(*bucket_apply(step, items)) if items else [()] * 5
+        return leaves.restore(list(outs), like=updates), ScaleByCosmosState(
             count=count,
             mu=mu,
-            nu=leaves.stored(nus, like=updates),
-            basis=leaves.stored(bases, like=updates),
-            gram=leaves.stored(grams, like=updates),
+            nu=leaves.stored(list(nus), like=updates),
+            basis=leaves.stored(list(bases), like=updates),
+            gram=leaves.stored(list(grams), like=updates),
+            gram_exponent=leaves.stored(list(expos), like=updates),
         )
 
     return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))

@@ -124,3 +124,21 @@ def test_zero_gradients_and_bf16():
         u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
     assert u["w"].dtype == jnp.bfloat16 and s[0].gg["w"][0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_overflow_safe_gram_factors(scale):
+    """A gradient spike near the float32 range: the Gram factors (kept with a power-of-two
+    exponent) and bases stay finite through the next refreshes, and so does every update."""
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)}
+    tx = optax_ext.soap(precondition_frequency=2)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    for t in range(7):
+        g = {"w": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32) * (scale if t == 2 else 1)}
+        u, state = update(g, state, p)
+        assert bool(jnp.isfinite(u["w"]).all()), t
+        core = state[0]
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((core.gg, core.q)))
+    assert min(int(e) for e in core.gg_exponent["w"]) > 0
