@@ -34,11 +34,16 @@ def per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
 
     Args:
       fn: ``(*arrays) -> array | tuple`` on un-batched operands (one matrix each).
-      *xs: arrays sharing their leading (batch) axis.
+      *xs: ``(*batch, m, n)`` arrays sharing their batch axes.
 
     Returns:
-      ``fn``'s outputs stacked along a leading batch axis.
+      ``fn``'s outputs with the batch axes in front.
     """
+    batch = xs[0].shape[:-2]
+    if len(batch) != 1:  # one flat batch axis
+        flat = [x.reshape(-1, *x.shape[len(batch) :]) for x in xs]
+        out = per_matrix(fn, *flat)
+        return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
     if not _one_per_call():
         return jax.vmap(fn)(*xs)
     loop = lambda *a: jax.lax.map(lambda args: fn(*args), a)  # noqa: E731
@@ -54,15 +59,15 @@ def per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
 
 
 def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.eigh`` of a ``(b, d, d)`` batch: ascending eigenvalues, eigenvectors."""
+    """``jnp.linalg.eigh`` of a ``(..., d, d)`` batch: ascending eigenvalues, eigenvectors."""
     return per_matrix(jnp.linalg.eigh, x)
 
 
 def qr(x: jax.Array) -> jax.Array:
-    """The ``Q`` factor of ``jnp.linalg.qr`` (reduced) of a ``(b, m, n)`` batch."""
+    """The ``Q`` factor of ``jnp.linalg.qr`` (reduced) of a ``(..., m, n)`` batch."""
     return per_matrix(lambda a: jnp.linalg.qr(a)[0], x)
 
 
 def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``jnp.linalg.svd(x, full_matrices=False)`` of a ``(b, m, n)`` batch: ``u, s, vh``."""
+    """``jnp.linalg.svd(x, full_matrices=False)`` of a ``(..., m, n)`` batch: ``u, s, vh``."""
     return per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)

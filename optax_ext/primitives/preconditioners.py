@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -10,6 +11,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_ext._types import is_masked, leaves_with_path
 from optax_ext.kernels import lapack, scaled, sharding
@@ -48,8 +51,9 @@ class ScaleBySoapState(NamedTuple):
       nu: second moment in the rotated basis (param-shaped).
       gg: per leaf, a tuple with one float32 Gram factor ``(d_i, d_i)`` per (merged) axis, or
         None for axes without one (larger than ``max_precond_dim``, or 1-D leaves without
-        ``precondition_1d``): the tree structure never changes.
-      q: per leaf, the eigenbases matching ``gg`` (parameter dtype).
+        ``precondition_1d``): the tree structure never changes. On a device mesh, ``init``
+        spreads the rows of every factor over all devices (when they divide ``d_i``).
+      q: per leaf, the eigenbases matching ``gg`` (parameter dtype), laid out like ``gg``.
       gg_exponent: per leaf, an int32 scalar per factor of ``gg`` (None where ``gg`` is None):
         the Gram factor is ``gg * 2**gg_exponent`` (0 unless gradients reached ``2**40``;
         see :mod:`optax_ext.kernels.scaled`), so it never overflows float32.
@@ -78,6 +82,32 @@ def merged_shape(shape: Sequence[int], max_dim: int, merge: bool) -> tuple[int, 
     if cur > 1 or not out:
         out.append(cur)
     return tuple(out)
+
+
+def _spread(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide).
+
+    SOAP's ``d x d`` factors share no axis with their parameter that would shard them the
+    same way (an FSDP ``(m, n)`` kernel shards ``m`` only, so its ``n x n`` factor would be
+    replicated); spreading the rows of every factor over all devices keeps the per-device
+    factor bytes at ``1 / devices`` of the total. Concrete parameters (eager ``init``) on a
+    multi-device ``NamedSharding``, or traced ones on an explicit-axis mesh; otherwise ``x``.
+    """
+    if isinstance(like, jax.core.Tracer):
+        mesh = sharding.mesh_of(like)
+        if mesh is None or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+            return x
+        devices = math.prod(mesh.axis_sizes)
+        place = lambda spec: jax.sharding.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
+    else:
+        s = getattr(like, "sharding", None)
+        if not isinstance(s, NamedSharding) or s.mesh.size <= 1:
+            return x
+        mesh, devices = s.mesh, s.mesh.size
+        place = lambda spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    if x.shape[0] % devices:
+        return x
+    return place(P(tuple(mesh.axis_names)))
 
 
 def _has_factor(shape: Sequence[int], max_dim: int, precondition_1d: bool) -> list[bool]:
@@ -175,6 +205,12 @@ def scale_by_soap(
       - Both sides are treated alike: a flax ``(in, out)`` kernel gets factors for fan-in and
         fan-out, the same pair a PyTorch ``(out, in)`` weight gets. ``data_format`` (PyTorch
         channels-last) has no counterpart.
+      - Overflow: the Gram factors are kept as ``gg * 2**gg_exponent`` (the gradient is scaled
+        by a power of two before it is squared), so gradients up to the float32 range leave
+        them and the bases finite; ``v`` is Adam's second moment and saturates at ``inf``
+        above ``~1e19`` as Adam's does (those entries' updates are then 0).
+      - On CPU the eigendecompositions and QR steps run one matrix per LAPACK call (see
+        :mod:`optax_ext.kernels.lapack`: batched calls can deadlock XLA's CPU runtime).
 
     Example:
       >>> import jax.numpy as jnp, optax_ext
@@ -201,10 +237,9 @@ def scale_by_soap(
                 ge.append(x)
                 continue
             mshape, has = factors(jnp.shape(x))
-            gg.append(
-                tuple(jnp.zeros((d, d), jnp.float32) if h else None for d, h in zip(mshape, has))
-            )
-            q.append(tuple(jnp.zeros((d, d), x.dtype) if h else None for d, h in zip(mshape, has)))
+            zeros = lambda d, dt: _spread(jnp.zeros((d, d), dt), x)  # noqa: E731
+            gg.append(tuple(zeros(d, jnp.float32) if h else None for d, h in zip(mshape, has)))
+            q.append(tuple(zeros(d, x.dtype) if h else None for d, h in zip(mshape, has)))
             ge.append(tuple(jnp.zeros([], jnp.int32) if h else None for h in has))
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
