@@ -1,15 +1,11 @@
-"""SOAP and COSMOS on 8 fake devices (8-way FSDP): the same parameters as one device under
-both kinds of axes, and per-device optimizer state close to the ideal (total / devices)."""
-
-import collections
+"""SOAP and COSMOS sensitivity to one-ulp gradient changes: which settings a multi-device
+comparison with one device can hold to 1e-5."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import optax_ext
 from optax_ext.kernels import NewtonSchulz
@@ -102,38 +98,3 @@ def test_one_device_sensitivity(name):
             assert max_diff(base, moved) < 1e-5
         elif name == "soap":
             assert max_diff(base, moved) > 1e-4
-
-
-def state_ratio(state):
-    """Per-device state bytes (the fullest device) over the ideal, total bytes / devices."""
-    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "addressable_shards")]
-    total = sum(x.nbytes for x in leaves)
-    per = collections.Counter()
-    for x in leaves:
-        for shard in x.addressable_shards:
-            per[shard.device] += shard.data.nbytes
-    return max(per.values()) / (total / jax.device_count())
-
-
-# SOAP spreads the rows of every Gram factor and basis over all devices, and its moments
-# follow their parameters. COSMOS's projected state shares only the fan-in axis with its
-# parameter (basis), and is small at rank 4; reported, bounded loosely.
-MAX_RATIO = {"soap": 1.3, "cosmos": 2.0}
-
-
-@pytest.mark.parametrize("kind", ["explicit", "auto"])
-@pytest.mark.parametrize("name", list(RECIPES))
-def test_fsdp_matches_one_device_and_state_is_spread(name, kind):
-    want, _ = run(name, make_params(), make_target(make_params()))
-    types = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[kind]
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(types,))
-    fsdp = NamedSharding(mesh, P("data", None))
-    params = jax.device_put(make_params(), fsdp)
-    target = jax.device_put(make_target(make_params()), fsdp)
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(mesh):
-        got, state = run(name, params, target, shardings=shardings)
-    assert max_diff(got, want) < 1e-5, max_diff(got, want)
-    ratio = state_ratio(state)
-    print(f"{name} {kind}: per-device state / ideal = {ratio:.3f}")
-    assert ratio <= MAX_RATIO[name], ratio
