@@ -2,9 +2,11 @@
 
 On import (before JAX starts its backend) this turns off XLA's concurrency-optimized CPU
 scheduler where the installed jaxlib is one known to have that flag (< 0.11; XLA rejects
-unknown flags): with it, programs that run many independent LAPACK calls inside a conditional
-(SOAP's eigendecompositions on a GPT-2-sized tree) can deadlock on a 2-core CPU (seen with jax
-0.10.2). The flag only affects the CPU backend.
+unknown flags). It only lowers the odds of one CPU hang: jaxlib's batched LAPACK calls block an
+intra-op pool thread while their per-matrix tasks wait for that same pool, so as many
+concurrent batched calls as pool threads deadlock. The library itself avoids it (SOAP, COSMOS
+and SVD projection bases decompose one matrix per call on CPU: optax_ext/kernels/lapack.py);
+the flag stays for the remaining batched calls (SVD polar factors). CPU backend only.
 """
 
 import os

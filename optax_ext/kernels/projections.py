@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from optax_ext.kernels import lapack
 from optax_ext.kernels.matricize import bucket_apply
 
 FAN_IN = 1
@@ -89,7 +90,7 @@ def svd_basis(x: jax.Array, *, rank: int | None, axis: int) -> jax.Array:
       Orthonormal columns, in ``x.dtype``, ordered by decreasing singular value. Signs follow the
       LAPACK/cuSOLVER convention of the backend (see the GaLore/Conda notes on sign invariance).
     """
-    u, _, vt = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    u, _, vt = lapack.svd(x.astype(jnp.float32))  # no batched LAPACK call on CPU (deadlock)
     k = u.shape[-1] if rank is None else min(rank, u.shape[-1])
     basis = u[..., :k] if axis == FAN_IN else jnp.swapaxes(vt[..., :k, :], -1, -2)
     return basis.astype(x.dtype)

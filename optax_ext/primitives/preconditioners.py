@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -10,9 +11,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from optax_ext._types import is_masked, leaf_error, leaves_with_path
-from optax_ext.kernels import sharding
+from optax_ext._types import is_masked, leaves_with_path
+from optax_ext.kernels import lapack, scaled, sharding
 from optax_ext.kernels.matricize import bucket_apply
 from optax_ext.kernels.newton_schulz import NewtonSchulz
 from optax_ext.primitives._matrices import MatrixLeaves
@@ -48,8 +51,12 @@ class ScaleBySoapState(NamedTuple):
       nu: second moment in the rotated basis (param-shaped).
       gg: per leaf, a tuple with one float32 Gram factor ``(d_i, d_i)`` per (merged) axis, or
         None for axes without one (larger than ``max_precond_dim``, or 1-D leaves without
-        ``precondition_1d``): the tree structure never changes.
-      q: per leaf, the eigenbases matching ``gg`` (parameter dtype).
+        ``precondition_1d``): the tree structure never changes. On a device mesh, ``init``
+        spreads the rows of every factor over all devices (when they divide ``d_i``).
+      q: per leaf, the eigenbases matching ``gg`` (parameter dtype), laid out like ``gg``.
+      gg_exponent: per leaf, an int32 scalar per factor of ``gg`` (None where ``gg`` is None):
+        the Gram factor is ``gg * 2**gg_exponent`` (0 unless gradients reached ``2**40``;
+        see :mod:`optax_ext.kernels.scaled`), so it never overflows float32.
     """
 
     count: chex.Array
@@ -57,6 +64,7 @@ class ScaleBySoapState(NamedTuple):
     nu: optax.Updates
     gg: Any
     q: Any
+    gg_exponent: Any
 
 
 def merged_shape(shape: Sequence[int], max_dim: int, merge: bool) -> tuple[int, ...]:
@@ -74,6 +82,32 @@ def merged_shape(shape: Sequence[int], max_dim: int, merge: bool) -> tuple[int, 
     if cur > 1 or not out:
         out.append(cur)
     return tuple(out)
+
+
+def _spread(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide).
+
+    SOAP's ``d x d`` factors share no axis with their parameter that would shard them the
+    same way (an FSDP ``(m, n)`` kernel shards ``m`` only, so its ``n x n`` factor would be
+    replicated); spreading the rows of every factor over all devices keeps the per-device
+    factor bytes at ``1 / devices`` of the total. Concrete parameters (eager ``init``) on a
+    multi-device ``NamedSharding``, or traced ones on an explicit-axis mesh; otherwise ``x``.
+    """
+    if isinstance(like, jax.core.Tracer):
+        mesh = sharding.mesh_of(like)
+        if mesh is None or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+            return x
+        devices = math.prod(mesh.axis_sizes)
+        place = lambda spec: jax.sharding.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
+    else:
+        s = getattr(like, "sharding", None)
+        if not isinstance(s, NamedSharding) or s.mesh.size <= 1:
+            return x
+        mesh, devices = s.mesh, s.mesh.size
+        place = lambda spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    if x.shape[0] % devices:
+        return x
+    return place(P(tuple(mesh.axis_names)))
 
 
 def _has_factor(shape: Sequence[int], max_dim: int, precondition_1d: bool) -> list[bool]:
@@ -106,7 +140,7 @@ def gram(x: jax.Array, axis: int) -> jax.Array:
 
 def _eigh_descending(gg: jax.Array) -> jax.Array:
     d = gg.shape[-1]
-    _, vecs = jnp.linalg.eigh(gg + 1e-30 * jnp.eye(d, dtype=gg.dtype))
+    _, vecs = lapack.eigh(gg + 1e-30 * jnp.eye(d, dtype=gg.dtype))
     return vecs[..., ::-1]
 
 
@@ -115,7 +149,7 @@ def _power_qr(gg: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     est = jnp.einsum("bij,bik,bkj->bj", q, gg, q, precision=hp)  # diag(Q^T GG Q)
     perm = jnp.argsort(-est, axis=-1)
     q = jnp.take_along_axis(q, perm[:, None, :], axis=-1)
-    q, _ = jnp.linalg.qr(jnp.matmul(gg, q, precision=hp))
+    q = lapack.qr(jnp.matmul(gg, q, precision=hp))
     return q, perm
 
 
@@ -171,6 +205,12 @@ def scale_by_soap(
       - Both sides are treated alike: a flax ``(in, out)`` kernel gets factors for fan-in and
         fan-out, the same pair a PyTorch ``(out, in)`` weight gets. ``data_format`` (PyTorch
         channels-last) has no counterpart.
+      - Overflow: the Gram factors are kept as ``gg * 2**gg_exponent`` (the gradient is scaled
+        by a power of two before it is squared), so gradients up to the float32 range leave
+        them and the bases finite; ``v`` is Adam's second moment and saturates at ``inf``
+        above ``~1e19`` as Adam's does (those entries' updates are then 0).
+      - On CPU the eigendecompositions and QR steps run one matrix per LAPACK call (see
+        :mod:`optax_ext.kernels.lapack`: batched calls can deadlock XLA's CPU runtime).
 
     Example:
       >>> import jax.numpy as jnp, optax_ext
@@ -189,23 +229,25 @@ def scale_by_soap(
 
     def init_fn(params):
         pairs, treedef = leaves_with_path(params)
-        gg, q = [], []
+        gg, q, ge = [], [], []
         for _, x in pairs:
             if is_masked(x):
                 gg.append(x)
                 q.append(x)
+                ge.append(x)
                 continue
             mshape, has = factors(jnp.shape(x))
-            gg.append(
-                tuple(jnp.zeros((d, d), jnp.float32) if h else None for d, h in zip(mshape, has))
-            )
-            q.append(tuple(jnp.zeros((d, d), x.dtype) if h else None for d, h in zip(mshape, has)))
+            zeros = lambda d, dt: _spread(jnp.zeros((d, d), dt), x)  # noqa: E731
+            gg.append(tuple(zeros(d, jnp.float32) if h else None for d, h in zip(mshape, has)))
+            q.append(tuple(zeros(d, x.dtype) if h else None for d, h in zip(mshape, has)))
+            ge.append(tuple(jnp.zeros([], jnp.int32) if h else None for h in has))
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
             gg=treedef.unflatten(gg),
             q=treedef.unflatten(q),
+            gg_exponent=treedef.unflatten(ge),
         )
 
     def hook(index, axis, count, basis):
@@ -227,16 +269,21 @@ def scale_by_soap(
         count = state.count
         t = count.astype(jnp.float32)  # real updates including this one, from call 2 on
 
+        ges = [list(flat(state.gg_exponent)[i]) for i in active]
+
         # Statistics with this step's gradient (used after the step, so G never preconditions
-        # itself). On the first call GG starts at 0 so the EMA gives (1 - bs) G G^T.
-        new_gg = []
-        for g, gg, (_, has) in zip(gms, ggs, shapes):
-            new_gg.append(
-                [
-                    bs * f + (1 - bs) * gram(g, a) if h else f
-                    for a, (f, h) in enumerate(zip(gg, has))
-                ]
-            )
+        # itself). On the first call GG starts at 0 so the EMA gives (1 - bs) G G^T. Kept as
+        # value * 2**exponent: the gradient is scaled by a power of two before it is squared.
+        new_gg, new_ge = [], []
+        for g, gg, ge, (_, has) in zip(gms, ggs, ges, shapes):
+            eg = scaled.safe_exponent(g)
+            gs = scaled.scale_down(g, eg)
+            pairs_a = [
+                scaled.ema(f, e, gram(gs, a), 2 * eg, bs) if h else (f, e)
+                for a, (f, e, h) in enumerate(zip(gg, ge, has))
+            ]
+            new_gg.append([p[0] for p in pairs_a])
+            new_ge.append([p[1] for p in pairs_a])
 
         def first_call():
             items, where = [], []
@@ -313,6 +360,7 @@ def scale_by_soap(
             nu=rebuild(new_v, state.nu, reshape_as),
             gg=rebuild([tuple(g) for g in new_gg], state.gg),
             q=rebuild([tuple(q) for q in new_q], state.q),
+            gg_exponent=rebuild([tuple(e) for e in new_ge], state.gg_exponent),
         )
 
     return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
@@ -323,10 +371,19 @@ class OnlinePCA:
     """COSMOS's input-side basis: rank-``rank`` online PCA of ``G^T G`` (static spec).
 
     Attributes:
-      rank: basis size ``r`` (must not exceed the fan-in size). Default 64.
+      rank: basis size ``r``, capped per matrix at its fan-in size (see :meth:`rank_for`), as
+        the other low-rank transformations cap theirs. Default 64.
     """
 
     rank: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"OnlinePCA: rank must be a positive int, got {self.rank!r}")
+
+    def rank_for(self, fan_in: int) -> int:
+        """The basis size for a matrix with ``fan_in`` inputs: ``min(rank, fan_in)``."""
+        return min(self.rank, fan_in)
 
 
 class ScaleByCosmosState(NamedTuple):
@@ -337,7 +394,12 @@ class ScaleByCosmosState(NamedTuple):
       mu: sum-form momentum ``M`` (param-shaped).
       nu: second moment of ``G P``, ``(*batch, fan_out, r)``.
       basis: ``P``, ``(*batch, fan_in, r)``.
-      gram: ``S``, the projected Gram EMA, ``(*batch, r, r)``.
+      gram: ``S``, the projected Gram EMA, ``(*batch, r, r)``, stored divided by
+        ``2**gram_exponent``.
+      gram_exponent: ``(*batch,)`` int32, 0 unless gradients reached ``2**40`` (see
+        :mod:`optax_ext.kernels.scaled`): ``S`` never overflows float32.
+
+    ``r`` is ``subspace.rank_for(fan_in)`` for each leaf.
     """
 
     count: chex.Array
@@ -345,6 +407,7 @@ class ScaleByCosmosState(NamedTuple):
     nu: optax.Updates
     basis: optax.Updates
     gram: optax.Updates
+    gram_exponent: optax.Updates
 
 
 def scale_by_cosmos(
@@ -373,10 +436,14 @@ def scale_by_cosmos(
         O = NS5(U - U P P^T);   O <- sqrt(mn) O / (||O|| + eps)
         D = A + gamma O;   u = sqrt(mn) D / (||D|| + eps)
 
+    Same-shaped matrices are processed together, one batched call per shape (and laid out
+    "owner computes" on a device mesh, see :func:`optax_ext.kernels.bucket_apply`).
+
     Args:
       b1, b2, eps: Defaults 0.9, 0.999, 1e-8 (class; README: 0.95, 0.95).
-      subspace: :class:`OnlinePCA` with the rank (default 64). The basis spans the fan-in side
-        of a flax ``(in, out)`` kernel (the PyTorch input dimension), always.
+      subspace: :class:`OnlinePCA` with the rank (default 64), capped at each matrix's fan-in
+        size. The basis spans the fan-in side of a flax ``(in, out)`` kernel (the PyTorch
+        input dimension), always.
       gamma: weight of the Muon part. Default 0.2.
       nesterov: Default True.
       use_momentum_without_nesterov: with ``nesterov=False`` the reference ignores the momentum
@@ -389,11 +456,16 @@ def scale_by_cosmos(
       has RMS exactly 1 (Frobenius norm ``sqrt(mn)``).
 
     Raises:
-      ValueError: in ``init`` for a leaf with ``ndim < 2`` or a rank above its fan-in size.
+      ValueError: in ``init`` for a leaf with ``ndim < 2``.
 
     References:
       Liu et al., 2025, "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of
       LLMs", arXiv 2502.17410; code: github.com/lliu606/COSMOS (``COSMOS_optim.py`` at 61de180).
+
+    Notes:
+      ``S`` and ``G^T G`` are kept with a power-of-two exponent, so gradients up to the float32
+      range leave the basis finite; ``V`` is an Adam second moment and saturates at ``inf``
+      for gradients above ``~1e19``, as Adam's does (that step's adaptive part is then 0).
 
     Example:
       >>> import jax.numpy as jnp, optax_ext
@@ -404,31 +476,27 @@ def scale_by_cosmos(
       ((4, 2), 1.0)
     """
     ns = NewtonSchulz.muon() if ns is None else ns
-    r = subspace.rank
     who = "scale_by_cosmos"
     hp = jax.lax.Precision.HIGHEST
     mm = lambda a, b: jnp.matmul(a, b, precision=hp)  # noqa: E731
     tr = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
 
-    def check(leaves):
-        for path, (_, n_in, _) in zip(leaves.paths(), leaves.matrix_shapes()):
-            if r > n_in:
-                raise leaf_error(path, (n_in,), f"COSMOS rank {r} exceeds the fan-in size {n_in}")
-
     def init_fn(params):
         leaves = MatrixLeaves(params, specs, who)
-        check(leaves)
         shapes = leaves.matrix_shapes()
+        ranks = [subspace.rank_for(n_in) for _, n_in, _ in shapes]
         dts = [x.dtype for x in leaves.leaves(params)]
-        nu = [jnp.zeros((b, m_out, r), d) for (b, _, m_out), d in zip(shapes, dts)]
-        basis = [jnp.zeros((b, n_in, r), d) for (b, n_in, _), d in zip(shapes, dts)]
-        gram = [jnp.zeros((b, r, r), jnp.float32) for b, _, _ in shapes]
+        nu = [jnp.zeros((b, m_out, r), d) for (b, _, m_out), r, d in zip(shapes, ranks, dts)]
+        basis = [jnp.zeros((b, n_in, r), d) for (b, n_in, _), r, d in zip(shapes, ranks, dts)]
+        gram = [jnp.zeros((b, r, r), jnp.float32) for (b, _, _), r in zip(shapes, ranks)]
+        expo = [jnp.zeros((b,), jnp.int32) for b, _, _ in shapes]
         return ScaleByCosmosState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=leaves.stored(nu, params),
             basis=leaves.stored(basis, params),
             gram=leaves.stored(gram, params),
+            gram_exponent=leaves.stored(expo, params),
         )
 
     def update_fn(updates, state, params=None):
@@ -440,33 +508,34 @@ def scale_by_cosmos(
         c1 = (1 - b1**t) / (1 - b1)
         c2 = 1 - b2**t
         mu = jax.tree.map(lambda g, m: b1 * m + g, updates, state.mu)
-        outs, nus, bases, grams = [], [], [], []
-        for g, m, v, p_old, s_old in zip(
-            leaves.views(updates),
-            leaves.views(mu),
-            leaves.unstored(state.nu),
-            leaves.unstored(state.basis),
-            leaves.unstored(state.gram),
-        ):
+
+        def step(g, m, v, p_old, s_old, e_old):
+            """One bucket of same-shaped matrices, ``(b, fan_in, fan_out)`` views."""
             dtype = g.dtype
             g, m = tr(g.astype(jnp.float32)), tr(m.astype(jnp.float32))  # torch (m, n)
             p_old, v = p_old.astype(jnp.float32), v.astype(jnp.float32)
-            gtg = mm(tr(g), g)
+            r = p_old.shape[-1]
+            eg = scaled.safe_exponent(g, axes=(-2, -1))  # G = gs 2**eg, exactly
+            gs = scaled.scale_down(g, eg)
+            gtg = mm(tr(gs), gs)  # G^T G 2**(-2 eg)
 
-            def init_basis(g=g, gtg=gtg):
-                u, _, _ = jnp.linalg.svd(gtg, full_matrices=False)
+            def init_basis():
+                u, _, _ = lapack.svd(gtg)
                 p = u[..., :r]
-                gp = mm(g, p)
-                return p, (1 - b2) * mm(tr(gp), gp)
+                gp = mm(gs, p)
+                zero = jnp.zeros_like(s_old)
+                return (p, *scaled.ema(zero, jnp.zeros_like(e_old), mm(tr(gp), gp), 2 * eg, b2))
 
-            def track_basis(g=g, gtg=gtg, p_old=p_old, s_old=s_old):
-                p_hat = b2 * mm(p_old, s_old) + (1 - b2) * mm(gtg, p_old)
-                p, _ = jnp.linalg.qr(p_hat)
+            def track_basis():
+                e = jnp.maximum(e_old, 2 * eg)
+                s_al = jnp.ldexp(s_old, (e_old - e)[:, None, None])
+                gtg_al = jnp.ldexp(gtg, (2 * eg - e)[:, None, None])
+                p = lapack.qr(b2 * mm(p_old, s_al) + (1 - b2) * mm(gtg_al, p_old))
                 tt = mm(tr(p_old), p)
-                gp = mm(g, p)
-                return p, b2 * mm(mm(tr(tt), s_old), tt) + (1 - b2) * mm(tr(gp), gp)
+                gp = mm(gs, p)
+                return (p, *scaled.ema(mm(mm(tr(tt), s_old), tt), e_old, mm(tr(gp), gp), 2 * eg, b2))
 
-            p, s = jax.lax.cond(first, init_basis, track_basis)
+            p, s, e = jax.lax.cond(first, init_basis, track_basis)
             gp = mm(g, p)
             v = b2 * v + (1 - b2) * gp * gp
             if nesterov:
@@ -481,16 +550,26 @@ def scale_by_cosmos(
             o = size * o / (fro(o) + eps)
             d = a + gamma * o
             d = size * d / (fro(d) + eps)
-            outs.append(tr(d).astype(dtype))
-            nus.append(v.astype(dtype))
-            bases.append(p.astype(dtype))
-            grams.append(s)
-        return leaves.restore(outs, like=updates), ScaleByCosmosState(
+            return tr(d).astype(dtype), v.astype(dtype), p.astype(dtype), s, e
+
+        items = list(
+            zip(
+                leaves.views(updates),
+                leaves.views(mu),
+                leaves.unstored(state.nu),
+                leaves.unstored(state.basis),
+                leaves.unstored(state.gram),
+                leaves.unstored(state.gram_exponent),
+            )
+        )
+        outs, nus, bases, grams, expos = zip(*bucket_apply(step, items)) if items else [()] * 5
+        return leaves.restore(list(outs), like=updates), ScaleByCosmosState(
             count=count,
             mu=mu,
-            nu=leaves.stored(nus, like=updates),
-            basis=leaves.stored(bases, like=updates),
-            gram=leaves.stored(grams, like=updates),
+            nu=leaves.stored(list(nus), like=updates),
+            basis=leaves.stored(list(bases), like=updates),
+            gram=leaves.stored(list(grams), like=updates),
+            gram_exponent=leaves.stored(list(expos), like=updates),
         )
 
     return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))

@@ -124,3 +124,59 @@ def test_zero_gradients_and_bf16():
         u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
     assert u["w"].dtype == jnp.bfloat16 and s[0].gg["w"][0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_overflow_safe_gram_factors(scale):
+    """A gradient spike near the float32 range: the Gram factors (kept with a power-of-two
+    exponent) and bases stay finite through the next refreshes, and so does every update."""
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)}
+    tx = optax_ext.soap(precondition_frequency=2)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    for t in range(7):
+        g = {"w": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32) * (scale if t == 2 else 1)}
+        u, state = update(g, state, p)
+        assert bool(jnp.isfinite(u["w"]).all()), t
+        core = state[0]
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((core.gg, core.q)))
+    assert min(int(e) for e in core.gg_exponent["w"]) > 0
+
+
+NO_DEADLOCK = """
+import jax, jax.numpy as jnp, optax_ext
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+keys = jax.random.split(jax.random.key(0), 6)
+params = {f"w{i}": jax.device_put(jax.random.normal(k, (32, 48)), NamedSharding(mesh, P()))
+          for i, k in enumerate(keys)}
+for tx in (optax_ext.soap(precondition_frequency=1),
+           optax_ext.scale_by_cosmos(subspace=optax_ext.OnlinePCA(rank=8))):
+    state = tx.init(params)
+    step = jax.jit(lambda g, s: tx.update(g, s, params))
+    for t in range(6):
+        u, state = step(jax.tree.map(lambda p: p * (1.0 + 0.01 * t), params), state)
+    jax.block_until_ready(u)
+print("finished")
+"""
+
+
+def test_no_cpu_deadlock_on_two_devices_without_scheduler_flag():
+    """Two CPU devices share XLA's intra-op pool; before decompositions ran one matrix per
+    LAPACK call, SOAP's batched eigh/QR (and COSMOS's SVD/QR) blocked both pool threads in
+    jaxlib's ParallelBatchMap and this hung for good. Run as a library user runs it: without
+    the experiments package's scheduler flag."""
+    import os
+    import subprocess
+    import sys
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "scheduler" not in f]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=2"])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_DEADLOCK], env=env, cwd=root, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr[-3000:]

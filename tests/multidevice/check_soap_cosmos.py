@@ -1,0 +1,100 @@
+"""SOAP and COSMOS sensitivity to one-ulp gradient changes: which settings a multi-device
+comparison with one device can hold to 1e-5."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ext
+from optax_ext.kernels import NewtonSchulz
+
+STEPS = 4
+LAYERS = 8  # 16 matrices, 32 Gram factors: more factors than devices
+
+
+def make_params():
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * LAYERS)
+    n = lambda k, s: 0.1 * jax.random.normal(k, s)  # noqa: E731
+    return {
+        f"l{i}": {"a": n(keys[2 * i], (32, 32)), "b": n(keys[2 * i + 1], (64, 64))}
+        for i in range(LAYERS)
+    }
+
+
+def make_target(params):
+    return jax.tree.map(lambda p: 0.5 * jnp.flip(p, 0), params)
+
+
+def grads(params, target, t, *, proportional):
+    """Quadratic gradients ``(p - target) (1 + 0.1 t)``. SOAP's first call only builds its
+    bases, so the first real gradient is exactly 1.1x the one the bases come from: rotated, it
+    is diagonal up to rounding and Adam's first step is the sign of that rounding noise (a
+    1e-7 perturbation moves the parameters by 1e-2, see below). ``proportional=False`` adds a
+    fixed step-dependent term so that every rotated entry is signal, not noise."""
+    g = jax.tree.map(lambda p, q: (p - q) * (1.0 + 0.1 * t), params, target)
+    if proportional:
+        return g
+    leaves, treedef = jax.tree.flatten(g)
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(7), t.astype(jnp.int32)), len(leaves))
+    return treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+
+
+# eps: Adam in an eigenbasis divides rotated moments by sqrt(v) + eps; coordinates whose v is
+# tiny hold rounding noise that eps = 1e-8 amplifies (the test below measures it), so the
+# layout comparison uses eps = 1e-2, where a one-ulp change of the gradients stays < 1e-5.
+RECIPES = {
+    "soap": lambda eps: optax_ext.soap(1e-2, eps=eps, precondition_frequency=2),
+    "cosmos": lambda eps: optax.chain(
+        optax_ext.scale_by_cosmos(
+            eps=eps, subspace=optax_ext.OnlinePCA(rank=4), ns=NewtonSchulz.muon(dtype="float32")
+        ),
+        optax.scale(-1e-2),
+    ),
+}
+EPS = 1e-2
+
+
+def run(name, params, target, *, proportional=False, scale=1.0, shardings=None, eps=EPS):
+    tx = RECIPES[name](eps)
+    state = tx.init(params)
+
+    def step(params, state, t):
+        g = grads(params, target, t, proportional=proportional)
+        g = jax.tree.map(lambda x: x * scale, g)
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    out = None
+    if shardings is not None:  # as a user pins them: the layouts that init returned
+        out = (shardings, jax.tree.map(lambda x: x.sharding, state))
+    step = jax.jit(step, out_shardings=out)
+    for t in range(STEPS):
+        params, state = step(params, state, jnp.float32(t))
+    return params, state
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_one_device_sensitivity(name):
+    """On one device, a one-ulp change of the gradients (x (1 + 1e-7); both recipes are
+    scale-invariant up to eps): with eps = 1e-8 SOAP moves by > 1e-4, the algorithm's own
+    sensitivity that any other reduction order (the partitioner's) shows as well; with the
+    eps of the layout comparison, both move by < 1e-5."""
+    params = make_params()
+    target = make_target(params)
+    for eps in (1e-8, EPS):
+        base, _ = run(name, params, target, eps=eps)
+        moved, _ = run(name, params, target, scale=1 + 1e-7, eps=eps)
+        print(f"{name} eps={eps}: one ulp moves the parameters by {max_diff(base, moved):.2e}")
+        if eps == EPS:
+            assert max_diff(base, moved) < 1e-5
+        elif name == "soap":
+            assert max_diff(base, moved) > 1e-4
