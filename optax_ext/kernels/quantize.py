@@ -52,9 +52,10 @@ class BlockQuantizer:
         if self.min_size < 0:
             raise ValueError(f"BlockQuantizer.min_size must be >= 0, got {self.min_size}")
 
-    def code(self, signed: bool) -> jax.Array:
-        """The dynamic map of this width: :func:`dynamic_map` with ``bits - 1`` exponent bits."""
-        return dynamic_map(signed, max_exponent_bits=self.bits - 1, total_bits=self.bits)
+    def code(self, signed: bool) -> np.ndarray:
+        """The dynamic map of this width (:func:`dynamic_map` with ``bits - 1`` exponent bits) as
+        a read-only numpy array: a constant, safe to build inside ``jit`` and to close over."""
+        return _dynamic_map_np(bool(signed), self.bits - 1, self.bits)
 
 
 def _round_f32(value: fractions.Fraction) -> np.float32:
@@ -170,8 +171,8 @@ def num_blocks(size: int, block_size: int) -> int:
     return -(-size // block_size)
 
 
-def _check_code(code: jax.Array) -> None:
-    if code.ndim != 1 or not 2 <= code.shape[0] <= 256:
+def _check_code(code: jax.Array | np.ndarray) -> None:
+    if np.ndim(code) != 1 or not 2 <= code.shape[0] <= 256:
         raise ValueError(f"code must be a 1-D map of 2 to 256 values, got shape {code.shape}")
 
 
@@ -189,11 +190,64 @@ def _midpoints(code: jax.Array) -> jax.Array:
 
 def _count_below(table: jax.Array, y: jax.Array) -> jax.Array:
     """``searchsorted(table, y, side="left")`` for a sorted table of 255 values: an unrolled,
-    branch-free binary search (eight gathers from the table, fused elementwise by XLA)."""
+    branch-free binary search (eight gathers from the table). Used when the map is traced."""
     idx = jnp.zeros(y.shape, jnp.int32)
     for step in (128, 64, 32, 16, 8, 4, 2, 1):
         idx = jnp.where(table[idx + (step - 1)] < y, idx + step, idx)
     return idx
+
+
+_BUCKET_SHIFT = 16  # buckets of 2**16 consecutive float32 bit patterns: 65,536 of them
+_MAX_PER_BUCKET = 4  # maps with more midpoints in one bucket use the binary search
+
+
+def _order_key(bits):
+    """Signed-int32 keys that order float32 bit patterns as the floats (sign-magnitude -> two's
+    complement; -0.0 sorts just below +0.0): works on numpy and jax int32 arrays alike."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_table(code_bytes: bytes) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Host-side tables for :func:`_nearest` on a constant map (cached by its bytes).
+
+    Returns ``(first, mids, steps)``: ``first[j]`` counts the midpoints below bucket ``j`` of
+    the float32 order keys, ``mids`` the midpoints padded with ``+inf``, and ``steps`` the most
+    midpoints any bucket holds; None when that exceeds ``_MAX_PER_BUCKET``.
+    """
+    code = np.frombuffer(code_bytes, np.float32)
+    mids = (code[:-1] + code[1:]) * np.float32(0.5) + np.float32(0.0)  # float32; -0.0 -> +0.0
+    keys = np.sort(_order_key(mids.view(np.int32)).astype(np.int64))
+    starts = np.arange(-(2**31), 2**31, 2**_BUCKET_SHIFT, dtype=np.int64)
+    first = np.searchsorted(keys, starts, side="left")
+    steps = int(np.max(np.searchsorted(keys, starts + 2**_BUCKET_SHIFT, side="left") - first))
+    if steps > _MAX_PER_BUCKET:
+        return None
+    padded = np.concatenate([mids, np.full(max(steps, 1), np.inf, np.float32)])
+    return first.astype(np.uint8), padded, steps
+
+
+def _nearest(code: jax.Array | np.ndarray, y: jax.Array) -> jax.Array:
+    """``searchsorted(midpoints of code, y, side="left")`` (int32): the nearest map value.
+
+    For a constant map, one lookup in a 65,536-entry table indexed by the top 16 bits of
+    ``y``'s float32 order key gives the midpoints below ``y``'s bucket; the (at most
+    ``_MAX_PER_BUCKET``, one for the dynamic maps) midpoints inside it are compared with ``y``.
+    All elementwise, fused by XLA. A traced map falls back to :func:`_count_below`.
+    """
+    try:
+        table = _bucket_table(np.asarray(code, np.float32).tobytes())
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        table = None
+    if table is None:
+        return _count_below(_midpoints(jnp.asarray(code, jnp.float32)), y)
+    first, mids, steps = table
+    y = y + 0.0  # -0.0 -> +0.0: equal floats, equal keys
+    key = _order_key(jax.lax.bitcast_convert_type(y, jnp.int32))
+    bucket = (key >> _BUCKET_SHIFT) + 2 ** (31 - _BUCKET_SHIFT)
+    idx = jnp.asarray(first)[bucket].astype(jnp.int32)
+    mids = jnp.asarray(mids)
+    return idx + sum((mids[idx + s] < y).astype(jnp.int32) for s in range(steps))
 
 
 def quantize_blockwise(
@@ -251,7 +305,6 @@ def quantize_blockwise(
       >>> dequantize_blockwise(codes, absmax, dynamic_map(), block_size=2)[:2].tolist()
       [0.5, -0.2503906190395355]
     """
-    code = jnp.asarray(code, jnp.float32)
     _check_code(code)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -262,9 +315,9 @@ def quantize_blockwise(
     absmax = jnp.max(jnp.abs(blocks), axis=1, initial=0.0)  # [nb]
     scale = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
     y = blocks / scale[:, None]  # in [-1, 1]
-    idx = _count_below(_midpoints(code), y)  # nearest value, ties to the lower index
+    idx = _nearest(code, y)  # nearest value, ties to the lower index
     if sign_fix:
-        flip = jnp.signbit(code[idx]) != jnp.signbit(blocks)
+        flip = jnp.signbit(jnp.asarray(code, jnp.float32)[idx]) != jnp.signbit(blocks)
         idx = jnp.where(flip, idx + jnp.where(blocks > 0, 1, -1), idx)
         idx = jnp.clip(idx, 0, code.shape[0] - 1)
     codes = idx.reshape(-1)[: flat.shape[0]].astype(jnp.uint8).reshape(x.shape)
@@ -292,8 +345,8 @@ def dequantize_blockwise(
     Raises:
       ValueError: if ``absmax`` does not have one entry per block.
     """
-    code = jnp.asarray(code, jnp.float32)
     _check_code(code)
+    code = jnp.asarray(code, jnp.float32)
     n = int(np.prod(codes.shape))
     if absmax.shape != (num_blocks(n, block_size),):
         raise ValueError(

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 import optax_ext
 
@@ -97,3 +97,57 @@ def test_reset_under_jit_with_injected_period():
     for _ in range(2):
         _, s = step(jnp.ones(1), s)
     np.testing.assert_allclose(s.inner_state.inner_state.mu, 0.1, rtol=1e-6)
+
+
+_VALUES = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 3.0]),  # ties and zeros
+    st.floats(-2.0**66, 2.0**66, width=32, allow_subnormal=False).filter(lambda v: abs(v) >= 2.0**-66),
+)
+
+
+@st.composite
+def _rows_and_level(draw):
+    rows, n = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 7, 16, 41]))
+    x = np.array(draw(st.lists(_VALUES, min_size=rows * n, max_size=rows * n)), np.float32)
+    level = draw(st.one_of(st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.floats(0.0, 1.0)))
+    return x.reshape(rows, n), level
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_rows_and_level())
+def test_abs_quantile_equals_numpy_bit_for_bit(case):
+    """The sort-free quantile of clip_by_quantile is numpy.quantile (linear) exactly, ties,
+    zeros, negative entries and one-entry rows included."""
+    from optax_ext.primitives.spikes import _abs_quantile
+
+    x, level = case
+    want = np.quantile(np.abs(x), level, axis=1).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(_abs_quantile(jnp.asarray(x), level)), want)
+
+
+def test_abs_quantile_nan_rows_and_injected_level():
+    from optax_ext.primitives.spikes import _abs_quantile
+
+    x = np.array([[1.0, np.nan, -2.0], [1.0, -2.0, 3.0]], np.float32)
+    got = np.asarray(_abs_quantile(jnp.asarray(x), 0.9))
+    np.testing.assert_array_equal(got, np.quantile(np.abs(x), 0.9, axis=1).astype(np.float32))
+    assert np.isnan(got[0]) and got[1] == np.float32(2.8)
+    # Under jit too (no fused multiply-add), over forty decades.
+    rng = np.random.default_rng(0)
+    jitted = jax.jit(_abs_quantile, static_argnums=1)
+    for _ in range(20):
+        x = (rng.standard_normal((3, 17)) * 10.0 ** rng.uniform(-30, 10, (3, 17))).astype(np.float32)
+        want = np.quantile(np.abs(x), 0.9, axis=1).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(x), 0.9)), want)
+    # A traced level (optax.inject_hyperparams) interpolates in float32: equal to rounding.
+    x = np.random.default_rng(0).standard_normal((4, 33)).astype(np.float32)
+    for level in (0.1, 0.5, 0.9, 0.97):
+        got = jax.jit(_abs_quantile)(jnp.asarray(x), jnp.float32(level))
+        np.testing.assert_allclose(got, np.quantile(np.abs(x), level, axis=1), rtol=1e-6)
+
+
+def test_clip_by_quantile_under_inject_hyperparams():
+    tx = optax.inject_hyperparams(optax_ext.clip_by_quantile)(quantile=0.5, offset=0.0)
+    w = {"w": jnp.array([[1.0, -2.0], [3.0, -4.0]])}
+    u, _ = jax.jit(tx.update)(w, tx.init(w))
+    np.testing.assert_array_equal(np.asarray(u["w"]), [[1.0, -2.0], [2.5, -2.5]])

@@ -338,3 +338,92 @@ def test_adamw_8bit_tracks_adamw_on_a_small_mlp():
     assert fp32[-1] < fp32[0] / 50
     np.testing.assert_allclose(q8, fp32, rtol=0.1)
     assert q8[-1] <= 1.05 * fp32[-1]
+
+
+@pytest.mark.parametrize("factory", [optax_ext.adamw_8bit, optax_ext.adam_8bit, optax_ext.lion_8bit])
+def test_built_inside_jit_then_updated_in_another_jit(factory):
+    """Trainers build the optimizer inside a jitted ``init``: no constant may be a tracer."""
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 32)), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
+    built = {}
+
+    @jax.jit
+    def init(params):
+        built["tx"] = factory(1e-2, quantizer=Q0)
+        return built["tx"].init(params)
+
+    state = init(params)
+    update = jax.jit(lambda g, s, p: built["tx"].update(g, s, p))
+    for _ in range(2):
+        updates, state = update(grads, state, params)
+    tx = factory(1e-2, quantizer=Q0)
+    want_state = tx.init(params)
+    for _ in range(2):
+        want, want_state = jax.jit(tx.update)(grads, want_state, params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+    assert isinstance(state.inner_state[0].mu["w"], optax_ext.QuantizedArray)
+
+
+def test_every_registered_recipe_can_be_built_inside_jit():
+    """Each recipe of tests/registry.py built inside one trace, used in another (traced only)."""
+    from helpers import small_params
+    from registry import RECIPES
+
+    params = small_params()
+    failed = []
+    for entry in RECIPES:
+        built = {}
+
+        def init(params, entry=entry, built=built):
+            built["tx"] = optax.with_extra_args_support(entry.factory(**entry.kwargs))
+            return built["tx"].init(params)
+
+        try:
+            state = jax.eval_shape(init, params)
+            extra = entry.extra_args(0, params, params) if entry.extra_args else {}
+            jax.eval_shape(lambda g, s, p: built["tx"].update(g, s, p, **extra), params, state, params)
+        except jax.errors.UnexpectedTracerError as e:
+            failed.append(f"{entry.name}: {str(e).splitlines()[0]}")
+    assert not failed, "\n".join(failed)
+
+
+def _worst_update_after_spike(tx, spike, scale, lr=1e-3):
+    """max |update| / lr over 20 steps after one entry's gradient is ``spike`` times N(0, scale^2)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((256, 256))}
+    state, step, worst = tx.init(params), jax.jit(tx.update), 0.0
+    for t in range(31):
+        g = (scale * rng.standard_normal((256, 256))).astype(np.float32)
+        if t == 10:
+            g[0, 0] *= spike
+        u, state = step({"w": jnp.asarray(g)}, state, params)
+        if t > 10:
+            worst = max(worst, float(jnp.max(jnp.abs(u["w"]))) / lr)
+    return worst
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_guard_underflow_bounds_the_update_after_a_spike(scale):
+    """A 1e6x spike makes the default (bitsandbytes) path store v = 0 next to a non-zero m in
+    its block: updates of hundreds of lr; the guarded path stays near lr, as optax.adamw does."""
+    default = _worst_update_after_spike(optax_ext.adam_8bit(1e-3), 1e6, scale)
+    guarded = _worst_update_after_spike(optax_ext.adamw_8bit(1e-3, guard_underflow=True), 1e6, scale)
+    exact = _worst_update_after_spike(optax.adamw(1e-3, weight_decay=1e-2), 1e6, scale)
+    assert default > 100.0
+    assert exact <= 1.1 and guarded <= 2.0
+
+
+def test_guard_underflow_is_exact_adam_on_unquantized_states():
+    """The floor v >= m^2 / C never binds on exact Adam states (full-precision leaves)."""
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.zeros((8, 8))}
+    tx = optax_ext.adamw_8bit(1e-2, guard_underflow=True)  # 64 entries: full precision
+    ref = optax_ext.adamw_8bit(1e-2)
+    s, r = tx.init(params), ref.init(params)
+    for t in range(12):
+        g = {"w": jnp.asarray(rng.standard_normal((8, 8)) * (1.0 if t % 3 else 5.0), jnp.float32)}
+        u, s = tx.update(g, s, params)
+        want, r = ref.update(g, r, params)
+        np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(want["w"]))
+    with pytest.raises(ValueError, match="b1\\*\\*2 < b2"):
+        optax_ext.adamw_8bit(b1=0.99, b2=0.9, guard_underflow=True)
