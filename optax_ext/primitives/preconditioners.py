@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import is_masked, leaf_error, leaves_with_path
 from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply
@@ -315,7 +316,7 @@ def scale_by_soap(
             q=rebuild([tuple(q) for q in new_q], state.q),
         )
 
-    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
+    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +494,7 @@ def scale_by_cosmos(
             gram=leaves.stored(grams, like=updates),
         )
 
-    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
+    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
 
 
 class ScaleByCosmosAdamState(NamedTuple):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import SpecLike
 from optax_ext.primitives._matrices import MatrixLeaves, map_matrices
 from optax_ext.primitives._state import get_field
@@ -101,7 +102,7 @@ def clip_spikes(
             count=optax.safe_increment(state.count), inner_state=inner_state
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def clip_by_quantile(
@@ -161,7 +162,7 @@ def clip_by_quantile(
         del params
         return map_matrices(clip, updates, specs, "clip_by_quantile"), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByStableSpamState(NamedTuple):
@@ -318,4 +319,4 @@ def scale_by_stable_spam(
         )
         return pick(0), new
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
