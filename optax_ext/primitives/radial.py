@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
 from optax_ext._boxes import with_boxes
 
 
