@@ -35,32 +35,32 @@ def test_train_step_with_shardings_from_metadata(name):
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     model = LinenLM()
     batch = lm_batch(batch=8)
-    # init outside the mesh context: flax's DenseGeneral initializes multi-axis kernels flat and
-    # its logical constraint would then meet a 2-D value with 3 names
+    # no mesh or logical-rules context: flax's DenseGeneral reshapes multi-axis kernels flat and
+    # its logical constraint would meet a 2-D value with 3 names; the shardings come from the
+    # metadata and the rules explicitly, and jit places everything from them
     abstract = jax.eval_shape(model.init, jax.random.key(0), batch[:, :-1])["params"]
     param_sh = shardings(abstract, mesh)
     params = jax.jit(lambda k: model.init(k, batch[:, :-1])["params"],
                      out_shardings=param_sh)(jax.random.key(0))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        init = lambda p: model_chain(entry).init(p)  # noqa: E731
-        state_abstract = jax.eval_shape(init, params)
-        assert mismatched_names(state_abstract) == []
-        state_sh = shardings(state_abstract, mesh)
-        state = jax.jit(init, in_shardings=(param_sh,), out_shardings=state_sh)(params)
-        batch_sh = NamedSharding(mesh, P("data", None))
+    init = lambda p: model_chain(entry).init(p)  # noqa: E731
+    state_abstract = jax.eval_shape(init, params)
+    assert mismatched_names(state_abstract) == []
+    state_sh = shardings(state_abstract, mesh)
+    state = jax.jit(init, in_shardings=(param_sh,), out_shardings=state_sh)(params)
+    batch_sh = NamedSharding(mesh, P("data", None))
 
-        def step(params, state, batch):
-            loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch))(params)
-            updates, state = model_chain(entry).update(grads, state, params,
-                                                       **extra(0, params, grads))
-            return optax.apply_updates(params, updates), state, loss
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, batch))(params)
+        updates, state = model_chain(entry).update(grads, state, params,
+                                                   **extra(0, params, grads))
+        return optax.apply_updates(params, updates), state, loss
 
-        step = jax.jit(step, in_shardings=(param_sh, state_sh, batch_sh),
-                       out_shardings=(param_sh, state_sh, NamedSharding(mesh, P())))
-        losses = []
-        for _ in range(8):  # four applied updates under MultiSteps(every_k_schedule=2)
-            params, state, loss = step(params, state, jax.device_put(batch, batch_sh))
-            losses.append(float(loss))
+    step = jax.jit(step, in_shardings=(param_sh, state_sh, batch_sh),
+                   out_shardings=(param_sh, state_sh, NamedSharding(mesh, P())))
+    losses = []
+    for _ in range(8):  # four applied updates under MultiSteps(every_k_schedule=2)
+        params, state, loss = step(params, state, jax.device_put(batch, batch_sh))
+        losses.append(float(loss))
     assert np.isfinite(losses).all(), losses
     assert losses[-1] < losses[0], losses
     # the params kept the layout their metadata gives, and so did every state leaf
