@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import canonicalize_dtype
 from optax_ext.primitives.spikes import saturate
 
@@ -347,4 +348,4 @@ def scale_by_sgd_sai(
         out = jax.tree.map(lambda m, r: (r * m).astype(m.dtype), mu, gsnr)
         return out, ScaleBySGDSaIState(optax.safe_increment(state.count), mu, gsnr)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import SpecLike, canonicalize_dtype, is_masked, leaves_with_path, spec_for
 from optax_ext.kernels.matricize import bucket_apply, matricize, unmatricize
 from optax_ext.kernels.norms import limit_norm_growth
@@ -135,7 +136,7 @@ def column_normalize(
             basis=leaves.stored(basis, like=updates),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByNeuronNormState(NamedTuple):
@@ -246,7 +247,7 @@ def scale_by_neuron_norm(
             nu=leaves.stored(stats, like=updates)
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 def scale_by_cosh_rms(
@@ -321,7 +322,7 @@ def scale_by_cosh_rms(
             flat.append(unmatricize(brake(matricize(u, spec=spec)), shape=u.shape, spec=spec))
         return treedef.unflatten(flat), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 class NormGrowthLimiterState(NamedTuple):
@@ -385,4 +386,4 @@ def norm_growth_limiter(
             optax.safe_increment(state.count), leaves.stored(norms, like=updates)
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))

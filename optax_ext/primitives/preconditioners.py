@@ -14,6 +14,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import is_masked, leaves_with_path
 from optax_ext.kernels import lapack, scaled, sharding
 from optax_ext.kernels.matricize import bucket_apply
@@ -363,7 +364,7 @@ def scale_by_soap(
             gg_exponent=rebuild([tuple(e) for e in new_ge], state.gg_exponent),
         )
 
-    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
+    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,7 +573,7 @@ def scale_by_cosmos(
             gram_exponent=leaves.stored(list(expos), like=updates),
         )
 
-    return sharding.gathered(optax.GradientTransformation(init_fn, update_fn))
+    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
 
 
 class ScaleByCosmosAdamState(NamedTuple):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import SpecLike, leaf_error
 from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply
@@ -237,7 +238,7 @@ def project_low_rank(
             limiter=leaves.stored(limiter, like=updates),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def scale_by_projected_norm_ratio(
@@ -311,4 +312,4 @@ def scale_by_projected_norm_ratio(
             limiter=state.limiter,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))

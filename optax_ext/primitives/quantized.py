@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import is_masked, leaf_error
 from optax_ext.kernels import sharding
 from optax_ext.kernels.quantize import BlockQuantizer, dequantize_blockwise, quantize_blockwise
@@ -186,4 +187,4 @@ def quantize_state(
         out = jax.tree.map(keep_finite, out, updates)
         return out, QuantizeStateState(inner_state=store(inner_state)[0])
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))

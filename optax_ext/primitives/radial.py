@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext._boxes import with_boxes
+
 
 def _row_axes(ndim: int, channel_axis: int, layer: bool) -> tuple[int, ...]:
     """Axes summed over for one "row": all of them (layer view) or all but the channel axis.
@@ -134,7 +136,7 @@ def project_out_radial(
         which = jax.tree.map(lambda _, pr: pr[1], u, pairs)
         return out, ProjectOutRadialState(inner_state, which)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def project_out_parallel(*, eps: float = 1e-30) -> optax.GradientTransformation:
@@ -183,4 +185,4 @@ def project_out_parallel(*, eps: float = 1e-30) -> optax.GradientTransformation:
             raise ValueError("project_out_parallel needs params: call update(g, state, params)")
         return jax.tree.map(perp, updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))

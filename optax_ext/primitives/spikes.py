@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ext._boxes import with_boxes
 from optax_ext._types import SpecLike
 from optax_ext.primitives._matrices import MatrixLeaves, map_matrices
 from optax_ext.primitives._state import get_field
@@ -102,7 +103,7 @@ def clip_spikes(
             count=optax.safe_increment(state.count), inner_state=inner_state
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 _INF_BITS = 0x7F800000  # as int32, the bit patterns above +inf are NaN
@@ -265,7 +266,7 @@ def clip_by_quantile(
         del params
         return map_matrices(clip, updates, specs, "clip_by_quantile"), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -447,4 +448,4 @@ def scale_by_stable_spam(
         )
         return pick(0), new
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
