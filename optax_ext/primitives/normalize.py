@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._types import SpecLike, canonicalize_dtype, is_masked, leaves_with_path, spec_for
+from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply, matricize, unmatricize
 from optax_ext.kernels.norms import limit_norm_growth
 from optax_ext.kernels.projections import SVDProjector, project, project_back
@@ -128,12 +129,13 @@ def column_normalize(
         items = list(zip(leaves.views(updates), m_mats, leaves.unstored(state.nu), basis))
         outs = bucket_apply(rotate_normalize, items, static=axes)
         new_updates = leaves.restore([u for u, _ in outs], like=updates)
-        return new_updates, ColumnNormalizeState(
+        new_state = ColumnNormalizeState(
             count=optax.safe_increment(state.count),
             mu=optax.tree.cast(mu, mu_dtype),
             nu=leaves.stored([v for _, v in outs], like=updates),
             basis=leaves.stored(basis, like=updates),
         )
+        return new_updates, sharding.keep_layout(new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

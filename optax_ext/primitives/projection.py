@@ -215,12 +215,13 @@ def project_low_rank(
             outs = bucket_apply(fira, list(zip(mats, low, low_out, basis, limiter)), static=axes)
             full, limiter = [o for o, _ in outs], [h for _, h in outs]
         full = [f.astype(x.dtype) for f, x in zip(full, mats)]
-        return leaves.restore(full, like=updates), ProjectLowRankState(
+        new_state = ProjectLowRankState(
             count=optax.safe_increment(state.count),
             basis=leaves.stored(basis, like=updates),
             inner_state=inner_state,
             limiter=leaves.stored(limiter, like=updates),
         )
+        return leaves.restore(full, like=updates), sharding.keep_layout(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -290,11 +291,12 @@ def scale_by_projected_norm_ratio(
             return (g.astype(jnp.float32) * phi).astype(g.dtype)
 
         full = bucket_apply(scaled, list(zip(mats, low, low_out)), static=axes)
-        return leaves.restore(full, like=updates), ProjectLowRankState(
+        new_state = ProjectLowRankState(
             count=optax.safe_increment(state.count),
             basis=leaves.stored(basis, like=updates),
             inner_state=inner_state,
             limiter=state.limiter,
         )
+        return leaves.restore(full, like=updates), sharding.keep_layout(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
