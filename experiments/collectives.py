@@ -48,7 +48,7 @@ def count(tx: optax.GradientTransformation, kind: AxisType) -> dict[str, int]:
     sh = NamedSharding(mesh, P("data", None))
     params = {
         "blocks": {
-            f"h{i}": {"kernel": jax.device_put(jnp.full((64, 64), (i + 1) / 64), sh)}
+            f"h{i}": {"kernel": jax.device_put(jnp.full((64, 64), (i + 1) / 64, "float32"), sh)}
             for i in range(6)
         }
     }

@@ -81,10 +81,11 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
     if mesh is None:
         return y[:total]
     if not _explicit(mesh):
-        # Automatic axes: unshard the batch axis in one exchange, let the partitioner pick the rest.
+        # Automatic axes: unshard the batch axis in one exchange; back in the input's layout
+        # where the shapes agree, else the partitioner picks the rest.
         free = (P.UNCONSTRAINED,) * (y.ndim - 1)
-        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))
-        return y[:total]
+        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))[:total]
+        return shard_alike(y, like)[0] if y.shape == like.shape else y
     target = jax.typeof(like).sharding.spec if y.shape[1:] == like.shape[1:] else P()
     tail = tuple(target)[1:] + (None,) * (y.ndim - len(tuple(target)))
     y = jax.sharding.reshard(y, NamedSharding(mesh, P(None, *tail[: y.ndim - 1])))[:total]
@@ -142,7 +143,7 @@ def gathered(tx):
 
 
 def _concrete_sharding(x) -> NamedSharding | None:
-    """The ``NamedSharding`` of a concrete (not traced) array over more than one device, else None."""
+    """A concrete (untraced) array's ``NamedSharding`` over more than one device, else None."""
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
         return None
     s = x.sharding
@@ -153,18 +154,22 @@ def _concrete_sharding(x) -> NamedSharding | None:
     return s
 
 
-def aligned_spec(shape, like_shape, like_spec: P, axis_sizes: dict[str, int]) -> P:
+def aligned_spec(
+    shape, like_shape, like_spec: P, axis_sizes: dict[str, int], *, spread: bool = False
+) -> P:
     """The layout of a state array of ``shape`` kept for a parameter of ``like_shape`` laid out
     as ``like_spec``: the parameter's sharding on every axis where the two agree in position and
-    size; mesh axes left unused that way (e.g. those of a projected-away side) go to the largest
-    remaining axis they divide, so a projected moment ``(r, n)`` of a row-sharded ``(m, n)``
-    parameter is sharded over ``n``; replicated elsewhere.
+    size, replicated elsewhere. With ``spread``, mesh axes left unused that way (those of a
+    projected-away side) go to the largest remaining axis they divide, so a projected moment
+    ``(r, n)`` of a row-sharded ``(m, n)`` parameter is sharded over ``n`` (not for statistics
+    that broadcast against their parameter: their layouts must stay compatible).
 
     Args:
       shape: the state array's shape (same rank as ``like_shape``).
       like_shape: the parameter's shape.
       like_spec: the parameter's ``PartitionSpec``.
       axis_sizes: mesh axis name -> size.
+      spread: place the unused mesh axes too. Default False.
 
     Returns:
       A ``PartitionSpec`` for ``shape``.
@@ -175,7 +180,7 @@ def aligned_spec(shape, like_shape, like_spec: P, axis_sizes: dict[str, int]) ->
     used = {n for s in want for n in names(s)}
     free = tuple(n for s in spec[: len(like_shape)] for n in names(s) if n not in used)
     size = math.prod(axis_sizes[n] for n in free)
-    if free and size > 1:
+    if spread and free and size > 1:
         open_axes = [i for i, s in enumerate(want) if s is None and shape[i] % size == 0]
         if open_axes:
             i = max(open_axes, key=lambda i: (shape[i], -i))
@@ -183,8 +188,8 @@ def aligned_spec(shape, like_shape, like_spec: P, axis_sizes: dict[str, int]) ->
     return P(*want)
 
 
-def align(x: jax.Array, like: jax.Array) -> jax.Array:
-    """``x`` laid out like its parameter ``like`` (see :func:`aligned_spec`).
+def align(x: jax.Array, like: jax.Array, *, spread: bool = False) -> jax.Array:
+    """``x`` laid out like its parameter ``like`` (see :func:`aligned_spec`, and ``spread``).
 
     A concrete ``like`` (e.g. at ``init`` on placed parameters) gives its sharding under both
     kinds of mesh axes; a traced one under explicit axes (sharding in types). A no-op for other
@@ -199,14 +204,15 @@ def align(x: jax.Array, like: jax.Array) -> jax.Array:
     concrete = _concrete_sharding(like)
     if concrete is not None:
         mesh = concrete.mesh
-        want = aligned_spec(x.shape, like.shape, concrete.spec, dict(mesh.shape))
+        want = aligned_spec(x.shape, like.shape, concrete.spec, dict(mesh.shape), spread=spread)
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
             return jax.device_put(x, NamedSharding(mesh, want))
         return _constrain(x, mesh, want)
     mesh = mesh_of(like)
     if mesh is None or not _explicit(mesh):
         return x
-    want = aligned_spec(x.shape, like.shape, jax.typeof(like).sharding.spec, dict(mesh.shape))
+    spec = jax.typeof(like).sharding.spec
+    want = aligned_spec(x.shape, like.shape, spec, dict(mesh.shape), spread=spread)
     if getattr(jax.typeof(x).sharding, "spec", None) == want:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, want))

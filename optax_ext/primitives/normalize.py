@@ -102,11 +102,13 @@ def column_normalize(
         leaves = MatrixLeaves(params, specs, who)
         shapes = lowrank_shapes(leaves, projector)
         dtypes = [x.dtype for x in leaves.leaves(params)]
+        nu = [jnp.zeros(ls, dt) for (_, ls), dt in zip(shapes, dtypes)]
+        basis = [jnp.zeros(bs, dt) for (bs, _), dt in zip(shapes, dtypes)]
         return ColumnNormalizeState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=leaves.stored([jnp.zeros(ls, dt) for (_, ls), dt in zip(shapes, dtypes)], params),
-            basis=leaves.stored([jnp.zeros(bs, dt) for (bs, _), dt in zip(shapes, dtypes)], params),
+            nu=leaves.stored(nu, params, spread=True),
+            basis=leaves.stored(basis, params, spread=True),
         )
 
     def update_fn(updates, state, params=None):
@@ -132,8 +134,8 @@ def column_normalize(
         new_state = ColumnNormalizeState(
             count=optax.safe_increment(state.count),
             mu=optax.tree.cast(mu, mu_dtype),
-            nu=leaves.stored([v for _, v in outs], like=updates),
-            basis=leaves.stored(basis, like=updates),
+            nu=leaves.stored([v for _, v in outs], like=updates, spread=True),
+            basis=leaves.stored(basis, like=updates, spread=True),
         )
         return new_updates, sharding.keep_layout(new_state, state)
 
