@@ -81,8 +81,10 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
     if mesh is None:
         return y[:total]
     if not _explicit(mesh):
-        # Automatic axes: unshard the batch axis in one exchange; back in the input's layout
-        # where the shapes agree, else the partitioner picks the rest.
+        # Automatic axes: unshard the batch axis in one exchange, back in the input's layout
+        # where the shapes agree (the partitioner picks the rest of a stacked bucket).
+        if y.shape[1:] != like.shape[1:]:  # as under explicit axes: replicated
+            return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P()))[:total]
         free = (P.UNCONSTRAINED,) * (y.ndim - 1)
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))[:total]
         return shard_alike(y, like)[0] if y.shape == like.shape else y

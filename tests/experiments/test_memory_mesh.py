@@ -21,7 +21,7 @@ def test_parse_mesh_and_its_errors():
 def test_param_spec_is_fsdp_by_tensor_parallel_where_sizes_divide():
     axes = {"data": 8, "model": 2}
     assert memory.param_spec((64, 32), axes) == P("data", "model")
-    assert memory.param_spec((6, 32), axes) == P(None, "data")  # first divisible axis
+    assert memory.param_spec((6, 32), axes) == P("model", "data")  # first divisible axes
     assert memory.param_spec((3, 64, 30), axes) == P(None, "data", "model")
     assert memory.param_spec((64,), axes) == P(None)
 
