@@ -144,9 +144,13 @@ def test_sharded_run_matches_one_device(name, kind):
     with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(mesh):
         got, state = _run(BY_NAME[name], params, target)
     want, want_state = reference(name)
+    atol = 1e-5
+    if name in ATOL:  # the recipes above known to amplify rounding: their measured sensitivity
+        assert sensitivity(name) < SENSITIVITY_LIMIT, (name, sensitivity(name))
+        atol = max(ATOL[name], SENSITIVITY_MARGIN * sensitivity(name))
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(got),
                           jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, atol=ATOL.get(name, 1e-5), rtol=1e-5,
+        np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5,
                                    err_msg=jax.tree_util.keystr(path[0]))
     for path, a in jax.tree_util.tree_leaves_with_path(got):  # parameters keep their layout
         spec = SPECS
