@@ -48,12 +48,12 @@ def count(tx: optax.GradientTransformation, kind: AxisType) -> dict[str, int]:
     sh = NamedSharding(mesh, P("data", None))
     params = {
         "blocks": {
-            f"h{i}": {"kernel": jax.device_put(jnp.full((64, 64), (i + 1) / 64), sh)}
+            f"h{i}": {"kernel": jax.device_put(jnp.full((64, 64), (i + 1) / 64, "float32"), sh)}
             for i in range(6)
         }
     }
     with jax.set_mesh(mesh):
-        state = jax.jit(tx.init)(params)
+        state = tx.init(params)  # on the placed parameters: the state is laid out like them
         text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
     return {k: len(re.findall(rf"\b{k}(?:-start)?\(", text)) for k in COLLECTIVES}
 

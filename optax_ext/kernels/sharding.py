@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -79,10 +81,13 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
     if mesh is None:
         return y[:total]
     if not _explicit(mesh):
-        # Automatic axes: unshard the batch axis in one exchange, let the partitioner pick the rest.
+        # Automatic axes: unshard the batch axis in one exchange, back in the input's layout
+        # where the shapes agree (the partitioner picks the rest of a stacked bucket).
+        if y.shape[1:] != like.shape[1:]:  # as under explicit axes: replicated
+            return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P()))[:total]
         free = (P.UNCONSTRAINED,) * (y.ndim - 1)
-        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))
-        return y[:total]
+        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))[:total]
+        return shard_alike(y, like)[0] if y.shape == like.shape else y
     target = jax.typeof(like).sharding.spec if y.shape[1:] == like.shape[1:] else P()
     tail = tuple(target)[1:] + (None,) * (y.ndim - len(tuple(target)))
     y = jax.sharding.reshard(y, NamedSharding(mesh, P(None, *tail[: y.ndim - 1])))[:total]
@@ -139,18 +144,98 @@ def gathered(tx):
     return type(tx)(tx.init, update_fn)
 
 
-def align(x: jax.Array, like: jax.Array) -> jax.Array:
-    """``x`` sharded like ``like`` on every axis where the two agree in position and size, and
-    replicated elsewhere (explicit meshes only; a no-op elsewhere or for other ranks).
+def _concrete_sharding(x) -> NamedSharding | None:
+    """A concrete (untraced) array's ``NamedSharding`` over more than one device, else None."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+        return None
+    s = x.sharding
+    if not isinstance(s, NamedSharding) or math.prod(s.mesh.axis_sizes) <= 1:
+        return None
+    if any(t == AxisType.Manual for t in s.mesh.axis_types):
+        return None
+    return s
+
+
+def aligned_spec(
+    shape, like_shape, like_spec: P, axis_sizes: dict[str, int], *, spread: bool = False
+) -> P:
+    """The layout of a state array of ``shape`` kept for a parameter of ``like_shape`` laid out
+    as ``like_spec``: the parameter's sharding on every axis where the two agree in position and
+    size, replicated elsewhere. With ``spread``, mesh axes left unused that way (those of a
+    projected-away side) go to the largest remaining axis they divide, so a projected moment
+    ``(r, n)`` of a row-sharded ``(m, n)`` parameter is sharded over ``n`` (not for statistics
+    that broadcast against their parameter: their layouts must stay compatible).
+
+    Args:
+      shape: the state array's shape (same rank as ``like_shape``).
+      like_shape: the parameter's shape.
+      like_spec: the parameter's ``PartitionSpec``.
+      axis_sizes: mesh axis name -> size.
+      spread: place the unused mesh axes too. Default False.
+
+    Returns:
+      A ``PartitionSpec`` for ``shape``.
+    """
+    spec = tuple(like_spec) + (None,) * len(shape)
+    want = [s if a == b else None for a, b, s in zip(shape, like_shape, spec)]
+    names = lambda s: () if s is None else (s,) if isinstance(s, str) else tuple(s)  # noqa: E731
+    used = {n for s in want for n in names(s)}
+    free = tuple(n for s in spec[: len(like_shape)] for n in names(s) if n not in used)
+    size = math.prod(axis_sizes[n] for n in free)
+    if spread and free and size > 1:
+        open_axes = [i for i, s in enumerate(want) if s is None and shape[i] % size == 0]
+        if open_axes:
+            i = max(open_axes, key=lambda i: (shape[i], -i))
+            want[i] = free[0] if len(free) == 1 else free
+    return P(*want)
+
+
+def align(x: jax.Array, like: jax.Array, *, spread: bool = False) -> jax.Array:
+    """``x`` laid out like its parameter ``like`` (see :func:`aligned_spec`, and ``spread``).
+
+    A concrete ``like`` (e.g. at ``init`` on placed parameters) gives its sharding under both
+    kinds of mesh axes; a traced one under explicit axes (sharding in types). A no-op for other
+    ranks, single devices, and traced values under automatic axes (there the layout comes from
+    the concrete arrays or the step's ``out_shardings``; see :func:`keep_layout`).
 
     Keeps per-matrix state laid out like its parameter: a projected moment ``(b, r, n)`` of a
     ``(b, m, n)`` parameter keeps the sharding of ``n``.
     """
-    mesh = mesh_of(like)
-    if mesh is None or not _explicit(mesh) or jnp.ndim(x) != jnp.ndim(like):
+    if jnp.ndim(x) != jnp.ndim(like):
         return x
-    spec = tuple(jax.typeof(like).sharding.spec) + (None,) * jnp.ndim(x)
-    want = P(*(s if a == b else None for a, b, s in zip(x.shape, like.shape, spec)))
+    concrete = _concrete_sharding(like)
+    if concrete is not None:
+        mesh = concrete.mesh
+        want = aligned_spec(x.shape, like.shape, concrete.spec, dict(mesh.shape), spread=spread)
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return jax.device_put(x, NamedSharding(mesh, want))
+        return _constrain(x, mesh, want)
+    mesh = mesh_of(like)
+    if mesh is None or not _explicit(mesh):
+        return x
+    spec = jax.typeof(like).sharding.spec
+    want = aligned_spec(x.shape, like.shape, spec, dict(mesh.shape), spread=spread)
     if getattr(jax.typeof(x).sharding, "spec", None) == want:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, want))
+
+
+def keep_layout(new: Any, old: Any) -> Any:
+    """Each leaf of ``new`` laid out like the same leaf of ``old`` (a state and its update).
+
+    Explicit axes: resharded where they differ (see :func:`match`). Automatic axes: tied with
+    ``shard_alike``, so a step returns its state in the layout it received (the partitioner
+    cannot move it, e.g. across a ``lax.cond``). A no-op on single devices.
+    """
+
+    def keep(n, o):
+        if not (hasattr(n, "shape") and hasattr(o, "shape")) or n.shape != o.shape or not n.ndim:
+            return n
+        mesh = mesh_of(o)
+        if mesh is None:
+            return n
+        if _explicit(mesh):
+            return match(n, o)
+        return shard_alike(n, o)[0]
+
+    return jax.tree.map(keep, new, old)

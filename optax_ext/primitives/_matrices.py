@@ -102,8 +102,14 @@ class MatrixLeaves:
             flat[i] = unmatricize(mats[k], shape=self.shapes[k], spec=self.specs[k])
         return self.treedef.unflatten(flat)
 
-    def stored(self, arrays: Sequence[jax.Array], like: Any | None = None) -> Any:
-        """A tree of per-leaf state arrays kept as ``(*batch, p, q)``, from ``(b, p, q)`` arrays."""
+    def stored(
+        self, arrays: Sequence[jax.Array], like: Any | None = None, *, spread: bool = False
+    ) -> Any:
+        """A tree of per-leaf state arrays kept as ``(*batch, p, q)``, from ``(b, p, q)`` arrays.
+
+        With ``like`` (the parameters), each array is laid out like its parameter; ``spread``
+        also shards it over the mesh axes of a projected-away side (see ``sharding.align``).
+        """
         flat = (
             list(self.treedef.flatten_up_to(like))
             if like is not None
@@ -112,8 +118,7 @@ class MatrixLeaves:
         for k, i in enumerate(self.active):
             a = arrays[k]
             a = a.reshape(*batch_shape(self.shapes[k], self.specs[k]), *a.shape[1:])
-            # on an explicit mesh: laid out like the parameter where the axes agree
-            flat[i] = a if like is None else sharding.align(a, flat[i])
+            flat[i] = a if like is None else sharding.align(a, flat[i], spread=spread)
         return self.treedef.unflatten(flat)
 
     def unstored(self, tree: Any) -> list[jax.Array]:

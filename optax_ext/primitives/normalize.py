@@ -11,6 +11,7 @@ import optax
 
 from optax_ext._boxes import with_boxes
 from optax_ext._types import SpecLike, canonicalize_dtype, is_masked, leaves_with_path, spec_for
+from optax_ext.kernels import sharding
 from optax_ext.kernels.matricize import bucket_apply, matricize, unmatricize
 from optax_ext.kernels.norms import limit_norm_growth
 from optax_ext.kernels.projections import SVDProjector, project, project_back
@@ -102,11 +103,13 @@ def column_normalize(
         leaves = MatrixLeaves(params, specs, who)
         shapes = lowrank_shapes(leaves, projector)
         dtypes = [x.dtype for x in leaves.leaves(params)]
+        nu = [jnp.zeros(ls, dt) for (_, ls), dt in zip(shapes, dtypes)]
+        basis = [jnp.zeros(bs, dt) for (bs, _), dt in zip(shapes, dtypes)]
         return ColumnNormalizeState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=leaves.stored([jnp.zeros(ls, dt) for (_, ls), dt in zip(shapes, dtypes)], params),
-            basis=leaves.stored([jnp.zeros(bs, dt) for (bs, _), dt in zip(shapes, dtypes)], params),
+            nu=leaves.stored(nu, params, spread=True),
+            basis=leaves.stored(basis, params, spread=True),
         )
 
     def update_fn(updates, state, params=None):
@@ -129,12 +132,13 @@ def column_normalize(
         items = list(zip(leaves.views(updates), m_mats, leaves.unstored(state.nu), basis))
         outs = bucket_apply(rotate_normalize, items, static=axes)
         new_updates = leaves.restore([u for u, _ in outs], like=updates)
-        return new_updates, ColumnNormalizeState(
+        new_state = ColumnNormalizeState(
             count=optax.safe_increment(state.count),
             mu=optax.tree.cast(mu, mu_dtype),
-            nu=leaves.stored([v for _, v in outs], like=updates),
-            basis=leaves.stored(basis, like=updates),
+            nu=leaves.stored([v for _, v in outs], like=updates, spread=True),
+            basis=leaves.stored(basis, like=updates, spread=True),
         )
+        return new_updates, sharding.keep_layout(new_state, state)
 
     return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 

@@ -95,9 +95,9 @@ def refresh_bases(
     refresh = count % period == 0
     dtypes = [b.dtype for b in basis]
 
-    def fresh():  # laid out like the kept bases (explicit meshes: both branches must agree)
+    def fresh():  # laid out like the kept bases (both branches agree: no relayout at the cond)
         new = projector.bases(mats, count=count)
-        return [sharding.match(q.astype(d), b) for q, d, b in zip(new, dtypes, basis)]
+        return sharding.keep_layout([q.astype(d) for q, d in zip(new, dtypes)], list(basis))
 
     return jax.lax.cond(refresh, fresh, lambda: list(basis))
 
@@ -111,8 +111,8 @@ def _init_projected(params, inner, projector, specs, who) -> ProjectLowRankState
     limiter = [jnp.zeros(bs[:1], jnp.float32) for bs, _ in shapes]
     return ProjectLowRankState(
         count=jnp.zeros([], jnp.int32),
-        basis=leaves.stored(basis, like=params),
-        inner_state=inner.init(leaves.stored(low, like=params)),
+        basis=leaves.stored(basis, like=params, spread=True),
+        inner_state=inner.init(leaves.stored(low, like=params, spread=True)),
         limiter=leaves.stored(limiter, like=params),
     )
 
@@ -143,7 +143,7 @@ def _project_and_run_inner(updates, state, params, inner, projector, specs, who,
         lambda axis, x, q: project(x, q, axis=axis), list(zip(mats, basis)), static=axes
     )
     low_updates, inner_state = inner.update(
-        leaves.stored(low, like=updates), state.inner_state, None, **extra_args
+        leaves.stored(low, like=updates, spread=True), state.inner_state, None, **extra_args
     )
     return leaves, mats, basis, axes, low, leaves.unstored(low_updates), inner_state
 
@@ -231,12 +231,13 @@ def project_low_rank(
             outs = bucket_apply(fira, list(zip(mats, low, low_out, basis, limiter)), static=axes)
             full, limiter = [o for o, _ in outs], [h for _, h in outs]
         full = [f.astype(x.dtype) for f, x in zip(full, mats)]
-        return leaves.restore(full, like=updates), ProjectLowRankState(
+        new_state = ProjectLowRankState(
             count=optax.safe_increment(state.count),
-            basis=leaves.stored(basis, like=updates),
+            basis=leaves.stored(basis, like=updates, spread=True),
             inner_state=inner_state,
             limiter=leaves.stored(limiter, like=updates),
         )
+        return leaves.restore(full, like=updates), sharding.keep_layout(new_state, state)
 
     return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
@@ -305,11 +306,12 @@ def scale_by_projected_norm_ratio(
             return (g.astype(jnp.float32) * phi).astype(g.dtype)
 
         full = bucket_apply(scaled, list(zip(mats, low, low_out)), static=axes)
-        return leaves.restore(full, like=updates), ProjectLowRankState(
+        new_state = ProjectLowRankState(
             count=optax.safe_increment(state.count),
-            basis=leaves.stored(basis, like=updates),
+            basis=leaves.stored(basis, like=updates, spread=True),
             inner_state=inner_state,
             limiter=state.limiter,
         )
+        return leaves.restore(full, like=updates), sharding.keep_layout(new_state, state)
 
     return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -117,3 +117,24 @@ def test_recipe_collectives_do_not_grow_with_newton_schulz_steps(recipe, kind):
     assert counts[0] == counts[1], counts
     if recipe == "muon":  # six FSDP matrices, one bucket: one exchange each way, nothing else
         assert sum(counts[0].values()) <= 2, counts[0]
+
+
+# Every matrix recipe of experiments/collectives.py (SOAP and COSMOS gather their matrices and
+# are counted there, not bounded here).
+BOUNDED = ["muon", "normuon", "root", "auon", "hybrid_auon", "lipschitz_muon", "conda", "galore",
+           "apollo_mini"]
+
+
+@pytest.mark.parametrize("recipe", BOUNDED)
+def test_automatic_axes_need_no_more_collectives_than_explicit_ones(recipe):
+    from experiments.collectives import RECIPES  # noqa: PLC0415
+
+    explicit, auto = (_recipe_collectives(RECIPES[recipe](), kind) for kind in KINDS)
+    assert sum(auto.values()) <= sum(explicit.values()) + KNOWN_EXTRA.get(recipe, 0), (
+        explicit, auto)
+
+
+# Open: APOLLO-Mini (rank-1 sketch) compiles to one more all-to-all under automatic axes than
+# under explicit ones (8 (1 all-reduce, 1 all-gather, 6 all-to-all) against 7), a tiny one
+# (one float per matrix row slice); its cause in the partitioner's choices is not found yet.
+KNOWN_EXTRA = {"apollo_mini": 1}
