@@ -4,9 +4,11 @@ On import (before JAX starts its backend) this turns off XLA's concurrency-optim
 scheduler where the installed jaxlib is one known to have that flag (< 0.11; XLA rejects
 unknown flags). It only lowers the odds of one CPU hang: jaxlib's batched LAPACK calls block an
 intra-op pool thread while their per-matrix tasks wait for that same pool, so as many
-concurrent batched calls as pool threads deadlock. The library itself avoids it (SOAP, COSMOS
-and SVD projection bases decompose one matrix per call on CPU: optax_ext/kernels/lapack.py);
-the flag stays for the remaining batched calls (SVD polar factors). CPU backend only.
+concurrent batched calls as pool threads deadlock. The library itself avoids it: every
+decomposition it runs (SOAP, COSMOS, SVD projection bases, SVD polar factors, spectral caps)
+goes one matrix per LAPACK call on CPU (optax_ext/kernels/lapack.py), so library users need no
+flag; it stays here as a guard for batched decompositions outside the library (test references).
+CPU backend only.
 """
 
 import os

@@ -71,3 +71,8 @@ def qr(x: jax.Array) -> jax.Array:
 def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``jnp.linalg.svd(x, full_matrices=False)`` of a ``(..., m, n)`` batch: ``u, s, vh``."""
     return per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x)
+
+
+def singular_values(x: jax.Array) -> jax.Array:
+    """``jnp.linalg.svd(x, compute_uv=False)`` of a ``(..., m, n)`` batch (descending)."""
+    return per_matrix(lambda a: jnp.linalg.svd(a, compute_uv=False), x)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optax_ext.kernels import lapack
 from optax_ext.kernels.newton_schulz import (
     HARD_CAP_COEFFS,
     LIPSCHITZ_ORTHO_COEFFS,
@@ -202,7 +203,7 @@ def soft_cap_coupling(
 
 def svd_cap(x: jax.Array, *, w_max: float | jax.Array = 1.0) -> jax.Array:
     """Exact ``U min(S, w_max) V^T`` (the reference's ``pure_svd``), in at least float32."""
-    u, s, vt = jnp.linalg.svd(_work(x), full_matrices=False)
+    u, s, vt = lapack.svd(_work(x))  # one LAPACK call per matrix on CPU
     s = jnp.minimum(s, w_max)
     out = jnp.matmul(u * s[..., None, :], vt, precision=jax.lax.Precision.HIGHEST)
     return out.astype(x.dtype)

@@ -12,6 +12,7 @@ import optax
 
 from optax_ext import labels
 from optax_ext._types import SpecLike, is_masked
+from optax_ext.kernels import lapack
 from optax_ext.kernels.newton_schulz import NewtonSchulz
 from optax_ext.kernels.spectral import LIPSCHITZ_ORTHO
 from optax_ext.primitives.constraints import (
@@ -193,7 +194,7 @@ _GATED = ("gate", "up", "down")
 def _matrix_norm(w: jax.Array) -> jax.Array:
     """RMS->RMS operator norm of a flax ``(..., fan_in, fan_out)`` kernel (batched)."""
     w = w.astype(jnp.float32)
-    sigma = jnp.linalg.svd(w, compute_uv=False)[..., 0]
+    sigma = lapack.singular_values(w)[..., 0]
     return jnp.sqrt(w.shape[-2] / w.shape[-1]) * sigma
 
 
