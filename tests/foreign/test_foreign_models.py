@@ -216,9 +216,10 @@ def _well_conditioned(key, shape, spec: MatrixSpec):
 ORTHOGONALIZING = ["muon", "muon:polar_express", "root", "hybrid_auon", "lipschitz_muon"]
 
 
+@pytest.mark.parametrize("view", ["default", "explicit"])
 @pytest.mark.parametrize("model", ["linen_lm", "conv"])
 @pytest.mark.parametrize("name", ORTHOGONALIZING)
-def test_orthogonalized_kernels_have_equal_singular_values_in_their_true_view(name, model):
+def test_orthogonalized_kernels_have_equal_singular_values_in_their_true_view(name, model, view):
     entry = BY_NAME[name]
     # zero params: no weight decay or constraint term in the update, only the orthogonalization
     params = jax.tree.map(jnp.zeros_like, boxed_params(model))
@@ -230,11 +231,12 @@ def test_orthogonalized_kernels_have_equal_singular_values_in_their_true_view(na
          for k, (p, x) in zip(keys, flat)]
     )
     grads = rebox_like(grads, params)
-    # The recipe is given the true view explicitly: its default view reads only the last two
-    # axes as the matrix (attention kernels as slices of (H, Dh), conv kernels as (in, out)
-    # slices), which this check rejects. When default views follow the kernel layout, run it
-    # again without ``specs`` (the same assertions apply).
-    tx = entry.factory(**entry.kwargs, specs=true_view)
+    # "default": the recipe finds each kernel's view itself (optax_ext.labels.matrix_view);
+    # "explicit": the true view is passed as ``specs``. A view that reads only the last two
+    # axes as the matrix (attention kernels as (H, Dh) slices, conv kernels as (in, out)
+    # slices) fails the assertions below.
+    kwargs = dict(entry.kwargs, specs=true_view) if view == "explicit" else entry.kwargs
+    tx = entry.factory(**kwargs)
     updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
     checked = 0
     plain_grads = dict(jax.tree_util.tree_flatten_with_path(nn.unbox(grads))[0])
