@@ -8,6 +8,7 @@ import optax
 
 from optax_ext.primitives.moments import momentum, scale_by_adam
 from optax_ext.primitives.radial import project_out_parallel, project_out_radial
+from optax_ext.recipes import _common
 
 
 def adamp(
@@ -54,7 +55,7 @@ def adamp(
       >>> tx.update(p, tx.init(p), p)[0]["w"].shape
       (3, 4)
     """
-    return optax.chain(
+    return _common.float16_in_float32(optax.chain(
         project_out_radial(
             scale_by_adam(b1, b2, eps, nesterov=nesterov),
             delta=delta,
@@ -64,7 +65,7 @@ def adamp(
             channel_axis=channel_axis,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))
 
 
 def sgdp(
@@ -105,7 +106,7 @@ def sgdp(
       >>> tx.update(p, tx.init(p), p)[0]["w"].shape
       (3, 4)
     """
-    return optax.chain(
+    return _common.float16_in_float32(optax.chain(
         project_out_radial(
             momentum(beta, nesterov=nesterov, ema=False),
             delta=delta,
@@ -115,7 +116,7 @@ def sgdp(
             channel_axis=channel_axis,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))
 
 
 def perp_adamw(
@@ -155,9 +156,9 @@ def perp_adamw(
       (3, 4)
     """
     decay = optax.add_decayed_weights(weight_decay, mask)
-    return optax.chain(
+    return _common.float16_in_float32(optax.chain(
         project_out_parallel(),
         scale_by_adam(b1, b2, eps),
         decay,
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))

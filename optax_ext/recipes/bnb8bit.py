@@ -11,6 +11,7 @@ import optax
 
 from optax_ext._types import is_masked
 from optax_ext.kernels.quantize import BlockQuantizer
+from optax_ext.recipes import _common
 from optax_ext.primitives.elementwise import scale_by_lion
 from optax_ext.primitives.moments import scale_by_adam
 from optax_ext.primitives._state import get_field, map_fields
@@ -142,7 +143,7 @@ def adamw_8bit(
     adam = scale_by_adam(b1, b2, eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
     if guard_underflow:
         adam = _floor_second_moment(adam, b1, b2)  # v <- max(v, m^2 / C)
-    return quantize_state(
+    return _common.float16_in_float32(quantize_state(
         optax.chain(
             adam,  # m, v
             optax.scale_by_learning_rate(learning_rate),  # u <- -lr u
@@ -151,7 +152,7 @@ def adamw_8bit(
         quantizer,  # m: signed map + sign fix, v: unsigned map; 256-entry blocks
         fields=("mu", "nu"),
         signed=("mu",),
-    )
+    ))
 
 
 def adam_8bit(
@@ -255,7 +256,7 @@ def lion_8bit(
       >>> u.tolist()                            # -lr sign(...); sign(0) = 0
       [-0.5, 0.5, -0.0]
     """
-    return quantize_state(
+    return _common.float16_in_float32(quantize_state(
         optax.chain(
             scale_by_lion(b1, b2, mu_dtype="float32"),  # u = sign(b1 m + (1-b1) g); m <- b2 m ...
             optax.scale_by_learning_rate(learning_rate),  # u <- -lr u
@@ -266,4 +267,4 @@ def lion_8bit(
         quantizer,  # m: signed map + sign fix; 256-entry blocks
         fields=("mu",),
         signed=("mu",),
-    )
+    ))

@@ -121,4 +121,6 @@ def cosmos(
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _common.hidden_and_other(hidden, other, param_labels or cosmos_labels)
+    return _common.float16_in_float32(
+        _common.hidden_and_other(hidden, other, param_labels or cosmos_labels)
+    )

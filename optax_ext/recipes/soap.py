@@ -9,6 +9,7 @@ import optax
 
 from optax_ext.primitives.preconditioners import BasisHook, SoapLayout, scale_by_soap
 from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
+from optax_ext.recipes import _common
 
 
 def soap(
@@ -76,7 +77,7 @@ def soap(
         wd = weight_decay(count) if callable(weight_decay) else weight_decay
         return jnp.where(count == 0, 0.0, wd)  # no decay on the preconditioner-only call
 
-    return optax.chain(
+    return _common.float16_in_float32(optax.chain(
         scale_by_soap(
             b1,
             b2,
@@ -89,4 +90,4 @@ def soap(
         ),
         optax.scale_by_learning_rate(learning_rate),
         add_decoupled_weight_decay(decay, learning_rate, mask=mask),
-    )
+    ))
