@@ -31,7 +31,7 @@ def safe_exponent(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
     Returns:
       ``int32`` exponents with ``x``'s shape minus ``axes`` (0 for ordinary magnitudes).
     """
-    amax = jnp.max(jnp.abs(x), axis=None if axes is None else tuple(axes))
+    amax = jnp.max(jnp.abs(x), axis=None if axes is None else tuple(axes), initial=0.0)
     amax = jnp.where(jnp.isfinite(amax), amax, 0).astype(jnp.float32)
     _, ex = jnp.frexp(amax)  # amax = mantissa * 2**ex, mantissa in [0.5, 1)
     return jnp.maximum(ex - SAFE_EXPONENT, 0).astype(jnp.int32)
@@ -68,7 +68,7 @@ def ema(
         new, _bcast(new_exponent - e, new)
     )
     batch_axes = tuple(range(jnp.ndim(e), jnp.ndim(out)))
-    amax = jnp.max(jnp.abs(out), axis=batch_axes) if batch_axes else jnp.abs(out)
+    amax = jnp.max(jnp.abs(out), axis=batch_axes, initial=0.0) if batch_axes else jnp.abs(out)
     _, ex = jnp.frexp(jnp.where(jnp.isfinite(amax) & (amax > 0), amax, 1.0))
     shift = jnp.clip(ex - 1, -e, 0).astype(jnp.int32)  # only while e > 0: exact otherwise
     return jnp.ldexp(out, -_bcast(shift, out)), e + shift

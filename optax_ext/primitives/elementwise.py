@@ -239,7 +239,7 @@ def scale_by_exadam(
     """
 
     def init_fn(params):
-        zeros = lambda p: jnp.zeros(jnp.shape(p), _moment_dtype(p))  # noqa: E731
+        zeros = lambda p: jnp.zeros_like(p, dtype=_moment_dtype(p))  # noqa: E731 - keeps p's sharding
         return ScaleByExAdamState(
             jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
         )

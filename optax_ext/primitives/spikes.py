@@ -122,16 +122,18 @@ def _select_bits(bits: jax.Array, k: jax.Array) -> jax.Array:
     the rows, exact for any data (ties included).
     """
     rows, n = bits.shape
-    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
     rank = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (rows,))
     prefix = jnp.zeros((rows,), jnp.int32)  # the digits found so far
     done = 0  # bits found so far
     for shift, width in _RADIX_LEVELS:
         digit = (bits >> shift) & ((1 << width) - 1)
         inside = (bits >> (shift + width)) == prefix[:, None] if done else True
-        hist = jnp.zeros((rows << width,), jnp.int32).at[(digit + (row << width)).reshape(-1)]
-        hist = hist.add(jnp.broadcast_to(inside, bits.shape).astype(jnp.int32).reshape(-1))
-        cum = jnp.cumsum(hist.reshape(rows, 1 << width), axis=-1)
+        counts = inside.astype(jnp.int32) if done else jnp.ones_like(bits)
+        # one histogram per row (vmapped scatter-add): rows keep their layout on a mesh
+        hist = jax.vmap(lambda d, c: jnp.zeros((1 << width,), jnp.int32).at[d].add(c))(
+            digit, counts
+        )
+        cum = jnp.cumsum(hist, axis=-1)
         pick = jnp.sum(cum <= rank[:, None], axis=-1, dtype=jnp.int32)  # first cum > rank
         below = jnp.take_along_axis(cum, jnp.maximum(pick - 1, 0)[:, None], axis=-1)[:, 0]
         rank = rank - jnp.where(pick > 0, below, 0)

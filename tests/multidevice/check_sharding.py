@@ -43,15 +43,15 @@ def ortho(steps=5):
 PARAMS = {
     "a": (64, 64),
     "b": (64, 64),
-    "c": (3, 64, 32),
+    "stack": (3, 64, 32),  # stacked layers: the leading axis is a batch of matrices
     "v": (64,),
 }
 LAYOUTS = {
-    "fsdp": ((8,), ("data",), {"a": P("data"), "b": P(None, "data"), "c": P(None, "data")}),
+    "fsdp": ((8,), ("data",), {"a": P("data"), "b": P(None, "data"), "stack": P(None, "data")}),
     "fsdp+tp": (
         (4, 2),
         ("data", "model"),
-        {"a": P("data", "model"), "b": P("model", "data"), "c": P(None, "data", "model")},
+        {"a": P("data", "model"), "b": P("model", "data"), "stack": P(None, "data", "model")},
     ),
 }
 
