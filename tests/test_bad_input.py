@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import quadratic_loss, quadratic_target, small_params
+from helpers import quadratic_loss, quadratic_target, small_params, strict_xfail
 from registry import RECIPES, Entry
 
 IDS = [e.name for e in RECIPES]
@@ -157,15 +157,7 @@ def test_huge_gradients_give_finite_updates(name):
     assert _finite(run[t + 1][0]), "after the spike"
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="float16 chain: NaN"))
-        if n in FLOAT16_NAN
-        else n
-        for n in IDS
-    ],
-)
+@pytest.mark.parametrize("name", strict_xfail(IDS, FLOAT16_NAN, "float16 chain: NaN"))
 def test_float16_params_give_finite_float16_updates(name):
     entry = BY_NAME[name]
     params = small_params(jnp.float16)

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from helpers import strict_xfail
 from registry import RECIPES, Entry
 
 from foreign.flax_models import (
@@ -162,15 +163,7 @@ def train(name: str, model: str):
 DIVERGES_HERE = {"onebit_adam"}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="diverges on the linen LM"))
-        if n in DIVERGES_HERE
-        else n
-        for n in IDS
-    ],
-)
+@pytest.mark.parametrize("name", strict_xfail(IDS, DIVERGES_HERE, "diverges on the linen LM"))
 def test_builds_inside_jit_and_trains_the_linen_lm(name):
     losses, params, state = train(name, "linen_lm")
     assert np.isfinite(losses).all(), losses
