@@ -1,20 +1,22 @@
 """Pytest configuration shared by the whole suite."""
 
+# XLA's concurrency-optimized CPU scheduler can deadlock programs with many LAPACK calls inside
+# a conditional on 2 cores: importing the experiments package turns it off (see its docstring).
 import os
 
-# CPU compilation dominates the suite's run time; LLVM's optimisation level barely matters for
-# the small shapes of the tests. Must be set before JAX initialises its backend.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+import experiments
+
+# CPU compilation dominates the suite's run time (the shapes are small), so the suite compiles
+# for compile speed: LLVM at -O0, and XLA's classic elemental fusion emitters instead of the
+# MLIR fusion emitters, which compile the recipes' many small fusions 3-7x slower. Both only
+# change how the same HLO is code-generated; each flag is set only where the installed jaxlib
+# knows it (XLA aborts on unknown flags). Set before JAX initialises its backend, and inherited
+# by the suite's subprocesses (multi-device checks, multi-host and training runs).
+experiments.add_xla_flag("xla_backend_optimization_level", "0")
+experiments.add_xla_flag("xla_cpu_use_fusion_emitters", "false")
 
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
-
-# XLA's concurrency-optimized CPU scheduler can deadlock programs with many LAPACK calls inside
-# a conditional on 2 cores: importing the experiments package turns it off (see its docstring).
-import experiments  # noqa: E402, F401
 
 # Few examples over few sizes: every new shape is a new XLA compilation.
 hypothesis.settings.register_profile(

@@ -141,8 +141,12 @@ def test_inject_hyperparams_without_static_args(name):
     }
     state = state._replace(hyperparams=zero_lr)
     u, _ = update(g, state, params, _extra(entry, 1, params, g))
-    for leaf in jax.tree.leaves(u):
-        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    # zero, up to the rounding of recipes that re-project the weights at every step (the
+    # Lipschitz constraint computes s * P(W / s), the identity in exact arithmetic): at most a
+    # few ulp of the parameter, against updates of ~lr at any nonzero lr
+    for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+        ulp = np.finfo(np.float32).eps * float(np.abs(np.asarray(p, np.float32)).max(initial=0))
+        np.testing.assert_allclose(np.asarray(leaf, np.float32), 0.0, rtol=0, atol=4 * ulp)
 
 
 @pytest.mark.parametrize("name", IDS)

@@ -79,7 +79,9 @@ def test_update_is_the_inner_update_on_the_dequantized_statistics():
         )
         want, fp32 = inner_update(g, plain_state)
         got, state = update(g, state)
-        chex.assert_trees_all_equal(got, want)
+        # two different XLA programs: equal up to how each contracts and fuses its arithmetic
+        # (a few ulp); quantization errors are ~1e-2 of the statistics, 4 orders above this
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
         # the stored state is the float32 state of this step, rounded to the nearest code
         for name, signed in (("mu", True), ("nu", False)):
             stored = _dequantized(getattr(state.inner_state, name), signed)
