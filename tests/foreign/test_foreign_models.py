@@ -9,6 +9,7 @@ checks only trace (``jax.eval_shape``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -20,7 +21,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from helpers import strict_xfail
 from registry import RECIPES, Entry
 
 from foreign.flax_models import (
@@ -134,9 +134,18 @@ def grad_fn(model: str):
     return jax.jit(jax.value_and_grad(lambda p: loss(m, p, batch)))
 
 
+# Settings that the registry's generic small-problem kwargs get wrong for a 12-update run with
+# a warm-up from 0. 1-bit Adam freezes its variance at ``freeze_step`` and compresses from there
+# on; its paper freezes once the variance is stable, after the warm-up. Frozen at update 3 (inside
+# the warm-up, 3 gradients seen) the compressed phase oscillates here (loss 2.8 -> 30 -> 3.5);
+# frozen at update 6 it trains to 0.10 (AdamW-like recipes: 0.1-0.5).
+FOREIGN_KWARGS = {"onebit_adam": {"freeze_step": 6}}
+
+
 def train(name: str, model: str):
     """Losses and final state of STEPS micro-steps, the optimizer built inside each jit."""
     entry = BY_NAME[name]
+    entry = dataclasses.replace(entry, kwargs={**entry.kwargs, **FOREIGN_KWARGS.get(name, {})})
     extra = entry.extra_args or (lambda step, params, grads: {})
 
     @jax.jit
@@ -158,12 +167,7 @@ def train(name: str, model: str):
     return np.asarray(losses), params, state
 
 
-# 1-bit Adam's loss jumps to ~30 within these 24 micro-steps at the registry's small-problem
-# settings (its compressed phase starts early there); open, so the check is expected to fail.
-DIVERGES_HERE = {"onebit_adam"}
-
-
-@pytest.mark.parametrize("name", strict_xfail(IDS, DIVERGES_HERE, "diverges on the linen LM"))
+@pytest.mark.parametrize("name", IDS)
 def test_builds_inside_jit_and_trains_the_linen_lm(name):
     losses, params, state = train(name, "linen_lm")
     assert np.isfinite(losses).all(), losses
