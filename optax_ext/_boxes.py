@@ -67,7 +67,7 @@ def unbox(tree: Any) -> Any:
     return jax.tree.map(lambda x: _open(x)[0] if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def _names(box: Any) -> tuple[Any, ...] | None:
+def box_names(box: Any) -> tuple[Any, ...] | None:
     """The per-axis names of a box, or None if it carries none."""
     if _linen_box_type() is not None and isinstance(box, _linen_box_type()):
         names = getattr(box, "names", None)
@@ -123,7 +123,7 @@ def _box_like(box: Any, x: Any) -> Any:
         return x
     if tuple(x.shape) == tuple(param.shape):
         return _open(box)[1].unflatten([x])
-    names = _names(box)
+    names = box_names(box)
     if names is None or len(names) != len(param.shape):
         return x
     return _renamed(box, x, state_names(x.shape, param.shape, names))
@@ -192,17 +192,21 @@ def with_boxes(tx: optax.GradientTransformation) -> optax.GradientTransformation
       A transformation of the same type.
     """
 
+    from optax_ext.labels import axis_names_of  # labels builds on this module
+
     def init_fn(params):
         if not has_boxes(params):
             return tx.init(params)
-        return box_state(tx.init(unbox(params)), params)
+        with axis_names_of(params):  # the default matrix views read the boxes' axis names
+            return box_state(tx.init(unbox(params)), params)
 
     def update_fn(updates, state, params=None, **extra_args):
         if not (has_boxes(updates) or has_boxes(state) or has_boxes(params)):
             return tx.update(updates, state, params, **extra_args)
-        new_updates, new_state = tx.update(
-            unbox(updates), unbox(state), unbox(params), **extra_args
-        )
+        with axis_names_of(params if has_boxes(params) else updates):
+            new_updates, new_state = tx.update(
+                unbox(updates), unbox(state), unbox(params), **extra_args
+            )
         ref = params if has_boxes(params) else updates
         return rebox_like(new_updates, updates), box_state(new_state, ref)
 
@@ -215,7 +219,7 @@ def mismatched_names(state: Any) -> list[str]:
     for path, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_box)[0]:
         if not is_box(x):
             continue
-        names = _names(x)
+        names = box_names(x)
         value = _open(x)[0]
         if names is not None and hasattr(value, "shape") and len(names) != jnp.ndim(value):
             bad.append(f"{jax.tree_util.keystr(path)}: names {names}, shape {value.shape}")

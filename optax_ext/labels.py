@@ -24,15 +24,18 @@ The same module gives each hidden leaf its :class:`~optax_ext.MatrixSpec` (:func
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from optax_ext import _boxes
 from optax_ext._types import KeyPath, MatrixSpec, is_masked, leaf_error, leaves_with_path, spec_for
 from optax_ext.kernels.matricize import matrix_shape
 
@@ -349,6 +352,46 @@ def _view_from_names(names: tuple[Any, ...], per_head: bool) -> MatrixSpec | Non
     return None
 
 
+_AXIS_NAMES: contextvars.ContextVar[Mapping[tuple[str, ...], tuple[Any, ...]]] = (
+    contextvars.ContextVar("optax_ext_axis_names", default={})
+)
+
+
+@contextlib.contextmanager
+def axis_names_of(params: Any) -> Iterator[None]:
+    """Within the block, :func:`axis_names` knows the flax partitioning names of ``params``.
+
+    Recipes run on unboxed values (``optax_ext._boxes.with_boxes``), where a leaf's box and its
+    axis names are gone; this keeps the names of every boxed leaf (linen ``nn.Partitioned`` /
+    ``nn.LogicallyPartitioned``, nnx variables with sharding metadata), keyed by its path without
+    box attributes, for the default matrix view (:func:`matrix_view`) to read while a recipe's
+    ``init``/``update`` is traced. Nested blocks add to the outer names.
+
+    Args:
+      params: a parameter tree, boxed or not (without boxes the block changes nothing).
+    """
+    table = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_boxes.is_box)[0]:
+        names = _boxes.box_names(x) if _boxes.is_box(x) else None
+        if names is not None:
+            table[unboxed_names(path)] = names
+    if not table:
+        yield
+        return
+    token = _AXIS_NAMES.set({**_AXIS_NAMES.get(), **table})
+    try:
+        yield
+    finally:
+        _AXIS_NAMES.reset(token)
+
+
+def axis_names(path: KeyPath, ndim: int) -> tuple[Any, ...] | None:
+    """The flax partitioning names of the leaf at ``path`` inside :func:`axis_names_of`, if its
+    box had one name per axis of a rank-``ndim`` value; else None."""
+    names = _AXIS_NAMES.get().get(unboxed_names(path))
+    return names if names is not None and len(names) == ndim else None
+
+
 def matrix_view(
     path: KeyPath, leaf: Any, names: Any = None, *, per_head: bool = False
 ) -> MatrixSpec:
@@ -373,7 +416,8 @@ def matrix_view(
     Args:
       path: the leaf's key path.
       leaf: the leaf (an array or anything with a shape).
-      names: its flax partitioning names (one per axis, None entries allowed), or None.
+      names: its flax partitioning names (one per axis, None entries allowed), or None: those
+        of its box when a recipe runs on boxed params (:func:`axis_names_of`).
       per_head: attention kernels as one matrix per head (heads are batch axes):
         ``embed x head_dim`` and ``head_dim x embed``.
 
@@ -394,6 +438,8 @@ def matrix_view(
     ndim = len(shape)
     if ndim <= 2:
         return MatrixSpec()
+    if names is None:
+        names = axis_names(path, ndim)
     if names is not None and any(n is not None for n in names):
         if len(names) != ndim:
             raise leaf_error(path, shape, f"partitioning names {tuple(names)} do not match its rank")
@@ -543,8 +589,6 @@ def describe(
       >>> row.path, row.label, row.view, row.shape_factor
       ('attn/query/kernel', 'hidden', (1, 8, 8), 1.0)
     """
-    from optax_ext.primitives.orthogonalize import shape_factor  # primitives build on labels
-
     rule = recipe_or_rule if isinstance(recipe_or_rule, LabelRule) else DEFAULT_RULE
     if callable(recipe_or_rule) and not isinstance(recipe_or_rule, LabelRule):
         shape_rule = shape_rule or _default(recipe_or_rule, "shape_rule")
@@ -556,6 +600,14 @@ def describe(
     else:
         groups = jax.tree.map(lambda lab: HIDDEN if lab == HIDDEN else "other", four)
     pairs, treedef = leaves_with_path(params)
+    with axis_names_of(params):  # boxed params: their axis names settle N-D views
+        rows = _describe_rows(pairs, treedef, four, groups, specs, shape_rule)
+    return Description(tuple(rows), shape_rule)
+
+
+def _describe_rows(pairs, treedef, four, groups, specs, shape_rule) -> list[LeafRow]:
+    from optax_ext.primitives.orthogonalize import shape_factor  # primitives build on labels
+
     rows = []
     for (path, leaf), lab, group in zip(
         pairs, treedef.flatten_up_to(four), treedef.flatten_up_to(groups)
@@ -575,4 +627,4 @@ def describe(
             LeafRow("/".join(unboxed_names(path)), tuple(jnp.shape(leaf)), lab, group, view,
                     factor, note)
         )
-    return Description(tuple(rows), shape_rule)
+    return rows

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from helpers import small_params
 
@@ -117,3 +118,40 @@ def test_auxiliary_lr_follows_the_main_schedule():
     ref = optax_ext.muon(0.04, adam_learning_rate=0.04 * 3e-4 / 0.02)
     u_ref, _ = ref.update(grads, ref.init(params), params)
     np.testing.assert_allclose(u["b"], u_ref["b"], rtol=1e-6)
+
+
+def test_flax_partitioning_names_settle_views_that_path_and_shape_leave_ambiguous():
+    """3-D kernels under names the path rule does not know (``w_a``, ``w_b``): their boxes' logical
+    axis names give the view, in ``describe`` and in every recipe built on the boxed params."""
+    import flax.linen as nn
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.initializers.lecun_normal()
+            wq = self.param("w_a", nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+                            (8, 2, 4))
+            wo = self.param("w_b", nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
+                            (2, 4, 8))
+            return jnp.einsum("bhk,hkd->bd", jnp.einsum("bd,dhk->bhk", x, wq), wo)
+
+    boxed = Attn().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    plain = nn.unbox(boxed)
+    views = {"w_a": MatrixSpec(fan_in_axes=(0,), fan_out_axes=(1, 2)),
+             "w_b": MatrixSpec(fan_in_axes=(0, 1), fan_out_axes=(2,))}
+    # without names the rule refuses to guess, and says so
+    rows = {r.path: r for r in labels.describe(plain, optax_ext.muon).rows}
+    assert rows["w_a"].view is None and "ambiguous" in rows["w_a"].note
+    rows = {r.path: r for r in labels.describe(boxed, optax_ext.muon).rows}
+    assert (rows["w_a"].view, rows["w_b"].view) == ((1, 8, 8), (1, 8, 8))
+    # a recipe on the boxed params updates exactly as with the views written out by hand
+    grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
+                         plain)
+    by_hand = optax_ext.muon(0.02, specs=lambda path, x: views[labels.path_names(path)[-1]])
+    want, _ = by_hand.update(grads, by_hand.init(plain), plain)
+    tx = optax_ext.muon(0.02)
+    got, state = tx.update(nn.meta.replace_boxed(boxed, grads), tx.init(boxed), boxed)
+    for k in ("w_a", "w_b"):
+        np.testing.assert_allclose(nn.unbox(got)[k], want[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="ambiguous"):
+        tx.init(plain)

@@ -116,6 +116,10 @@ def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransf
     and casts the update back to float16; other dtypes pass through unchanged (bf16 stays bf16).
     Loss scaling stays with the caller: unscale the gradients before the update, as usual.
 
+    Every recipe goes through this wrapper, so it also makes the flax partitioning names of boxed
+    params (``nn.with_partitioning`` / nnx sharding metadata) visible to the default matrix views
+    of the recipe's primitives (:func:`optax_ext.labels.axis_names_of`).
+
     Args:
       tx: the recipe's transformation.
 
@@ -128,11 +132,13 @@ def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransf
     )
 
     def init_fn(params):
-        return tx.init(up(params))
+        with labels.axis_names_of(params):
+            return tx.init(up(params))
 
     def update_fn(updates, state, params=None, **extra_args):
-        params = None if params is None else up(params)
-        out, state = tx.update(up(updates), state, params, **extra_args)
+        with labels.axis_names_of(updates if params is None else params):
+            params = None if params is None else up(params)
+            out, state = tx.update(up(updates), state, params, **extra_args)
         return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
