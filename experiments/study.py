@@ -172,13 +172,15 @@ def final_loss(record: dict[str, Any] | None) -> float:
     return v if v is not None and math.isfinite(v) else math.inf
 
 
-def run_one(cfg: StudyConfig, store: Store, optimizer: str, lr: float, seed: int) -> dict:
-    """Trains one run unless its record exists; returns the record."""
+def run_one(cfg: StudyConfig, store: Store, optimizer: str, lr: float, seed: int,
+            kind: str = "run") -> dict:
+    """Trains one run unless its record of ``kind`` exists; returns the record."""
     key = run_key(cfg, optimizer, lr, seed)
-    done = store.find("run", key)
+    done = store.find(kind, key)
     if done is not None:
         return done
-    out = pathlib.Path(cfg.results) / "runs" / cfg.setting_id() / optimizer / f"lr{lr:g}_s{seed}"
+    folder = optimizer.replace(":", "__")
+    out = pathlib.Path(cfg.results) / "runs" / cfg.setting_id() / folder / f"lr{lr:g}_s{seed}"
     if out.exists():  # an interrupted run of this key: its partial files are redone
         shutil.rmtree(out)
     tcfg = train.TrainConfig(
@@ -199,7 +201,7 @@ def run_one(cfg: StudyConfig, store: Store, optimizer: str, lr: float, seed: int
     log = [json.loads(x) for x in log_path.read_text().splitlines() if x] if log_path.exists() else []
     evals = [r for r in log if "val_loss" in r]
     record = {
-        "kind": "run",
+        "kind": kind,
         "key": key,
         **summary,
         "diverged": diverged,
@@ -273,6 +275,7 @@ def run(cfg: StudyConfig) -> None:
         for seed in range(1, cfg.seeds):
             run_one(cfg, store, entry.name, best[entry.name], seed)
     timing(cfg, store, [e.name for e in entries], best)
+    diagnose(cfg, store, best)
 
 
 def store_notes(store: Store, cfg: StudyConfig, name: str, notes: list[str]) -> None:
@@ -280,6 +283,151 @@ def store_notes(store: Store, cfg: StudyConfig, name: str, notes: list[str]) -> 
     key = {**cfg.setting(), "optimizer": name}
     if store.find("sweep", key) is None or store.find("sweep", key).get("notes") != notes:
         store.add({"kind": "sweep", "key": key, "notes": notes})
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnoses: is a recipe that trains worse than AdamW wrong, or is it the method at this scale?
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One controlled change of an optimizer, trained at the study's setting (seed 0).
+
+    Attributes:
+      name: short label (the record's optimizer is ``"<optimizer>:<name>"``).
+      what: what changes, for the report.
+      make: ``(best lr of the optimizer, best lr of AdamW) -> (lr, build)`` where ``build`` is a
+        registry builder ``(lr_schedule, steps) -> GradientTransformation``.
+    """
+
+    name: str
+    what: str
+    make: Callable[[float, float], tuple[float, registry.Build]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """Why an optimizer trains worse than AdamW here: the finding, and the runs behind it."""
+
+    finding: str
+    variants: tuple[Variant, ...] = ()
+
+
+def _perp_on_hidden_only(lr: float, _: float) -> tuple[float, registry.Build]:
+    import optax  # noqa: PLC0415
+
+    import optax_ext  # noqa: PLC0415
+
+    def build(sched, steps):
+        return optax.partition(
+            {"hidden": optax_ext.perp_adamw(sched, 0.9, 0.95, weight_decay=0.1),
+             "other": optax.adamw(sched, 0.9, 0.95, weight_decay=0.1)},
+            optax_ext.labels.hidden_matrices)
+    return lr, build
+
+
+def _perp_no_decay(lr: float, _: float) -> tuple[float, registry.Build]:
+    import optax_ext  # noqa: PLC0415
+
+    return lr, lambda sched, steps: optax_ext.perp_adamw(sched, 0.9, 0.95, weight_decay=0.0)
+
+
+def _auon_adam_at_adamw_lr(lr: float, adamw_lr: float) -> tuple[float, registry.Build]:
+    import optax_ext  # noqa: PLC0415
+
+    ratio = adamw_lr / lr  # the auxiliary Adam peaks at AdamW's best lr, same schedule shape
+    return lr, lambda sched, steps: optax_ext.auon(
+        sched, adam_learning_rate=lambda t: sched(t) * ratio)
+
+
+def _sign_like(opt: str) -> str:
+    return (f"{opt} replays its authors' code (tests/goldens). Its update is sign-like: every "
+            "coordinate moves by about the learning rate whatever its gradient's size, so at "
+            "this tiny batch (16 x 64 tokens) the noise of small-gradient coordinates is applied "
+            "at full size; the method at this scale, as its paper's own batch-size ablation "
+            "shows (the gain over AdamW grows with the batch).")
+
+
+_SGD = ("replays its authors' code (tests/goldens). It is SGD with momentum (no per-coordinate "
+        "scaling), which trains transformers worse than Adam at any tuned learning rate "
+        "(Zhang et al. 2020; Kunstner et al. 2023, 2024): the method, not the recipe.")
+
+DIAGNOSES: dict[str, Diagnosis] = {
+    "perp_adamw": Diagnosis(
+        "The method as specified (projection of every tensor's gradient onto the tangent of its "
+        "weight, from grokking work) also freezes the radial direction of LayerNorm gains, "
+        "embeddings and biases, whose scale must change in LM training. Restricted to the "
+        "hidden matrices (AdamW elsewhere) it trains like AdamW; without weight decay it stays "
+        "behind. A property of applying it to every tensor (the recipe's default, as its paper), "
+        "not a bug.",
+        (Variant("hidden_only", "projection on the hidden matrices only, AdamW (same betas and "
+                 "decay) on embeddings, head and vectors", _perp_on_hidden_only),
+         Variant("no_decay", "every tensor projected, weight decay 0", _perp_no_decay)),
+    ),
+    "auon": Diagnosis(
+        "The reference's HEAD algorithm is momentum SGD on hidden matrices (its brake is ~1 "
+        "unless the momentum is concentrated) and replays the authors' code (tests/goldens). "
+        "Its auxiliary Adam follows the main lr (1/30 of it); giving that Adam AdamW's best lr "
+        "changes little, so the SGD step on the hidden matrices is what trails; hybrid_auon "
+        "(Newton-Schulz first) trains at Muon's level. The method at this scale.",
+        (Variant("adam_at_adamw_lr", "auxiliary Adam peaking at AdamW's best lr instead of "
+                 "1/30 of AuON's", _auon_adam_at_adamw_lr),),
+    ),
+    "sgdp": Diagnosis("SGDP " + _SGD),
+    "sgd_sai": Diagnosis(
+        "SGD-SaI " + _SGD.replace("It is SGD with momentum (no per-coordinate scaling)",
+                                  "It is SGD with momentum, scaled once per tensor at the first "
+                                  "step (no per-coordinate adaptivity afterwards)")),
+    "lion": Diagnosis(_sign_like("Lion")),
+    "lion_k": Diagnosis(_sign_like("Lion-K (Huber)")),
+    "lion_8bit": Diagnosis(_sign_like("8-bit Lion")),
+    "sophia": Diagnosis(
+        "Sophia replays its authors' code (tests/goldens). Its update clips m / (rho h) "
+        "coordinate-wise to [-1, 1]; with the Hessian estimate refreshed every 10 steps of a "
+        "200-step run, most coordinates sit at the clip and the step is sign-like (see Lion), "
+        "which the tiny batch makes noisy. The method at this scale."),
+}
+
+
+def variant_name(optimizer: str, variant: Variant) -> str:
+    """The record name of a diagnosis run: ``"<optimizer>:<variant>"``."""
+    return f"{optimizer}:{variant.name}"
+
+
+def diagnose(cfg: StudyConfig, store: Store, best: dict[str, float]) -> None:
+    """Trains every diagnosis variant of the study's optimizers (seed 0), once."""
+    adamw_lr = best.get(BASELINE, registry.get(BASELINE).lr)
+    for name, diag in DIAGNOSES.items():
+        if name not in best:
+            continue
+        for v in diag.variants:
+            lr, build = v.make(best[name], adamw_lr)
+            vname = variant_name(name, v)
+            base = registry.get(name)
+            registry.OPTIMIZERS[vname] = dataclasses.replace(base, name=vname, build=build,
+                                                             lr=lr, grid=(lr,))
+            try:
+                run_one(cfg, store, vname, lr, 0, kind="diagnosis")
+            finally:
+                del registry.OPTIMIZERS[vname]
+
+
+def diagnosis_lines(cfg: StudyConfig, store: Store, name: str) -> str:
+    """The finding for ``name`` with the measured loss of each of its variants."""
+    diag = DIAGNOSES.get(name)
+    if diag is None:
+        return "Not yet diagnosed."
+    parts = [diag.finding]
+    setting = cfg.setting()
+    for v in diag.variants:
+        recs = [r for r in store.records if r.get("kind") == "diagnosis"
+                and r["key"].get("optimizer") == variant_name(name, v)
+                and {k: r["key"].get(k) for k in setting} == setting]
+        got = (f"{final_loss(recs[-1]):.4f} (lr {recs[-1]['key']['learning_rate']:g})"
+               if recs else "not run")
+        parts.append(f"Measured, seed 0: {v.what}: {got}.")
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +693,7 @@ def report(cfg: StudyConfig) -> str:
     if worse:
         for r in worse:
             lines.append(f"- {r.name}: {r.mean:.4f} +- {r.std:.4f} vs {target:.4f}. "
-                         + DIAGNOSES.get(r.name, "Not yet diagnosed."))
+                         + diagnosis_lines(cfg, store, r.name))
     else:
         lines.append("- none")
     lines += ["", "## Claims", ""]
@@ -563,10 +711,6 @@ def _relative(path: pathlib.Path, start: pathlib.Path) -> str:
     import os  # noqa: PLC0415
 
     return pathlib.Path(os.path.relpath(path.absolute(), start.absolute())).as_posix()
-
-
-# Findings on recipes that train worse than AdamW, established by investigation (not numbers).
-DIAGNOSES: dict[str, str] = {}
 
 
 def _plots(rows: dict[str, Row], folder: pathlib.Path) -> list[pathlib.Path]:

@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 
+import jax
 import pytest
 
 from experiments import study
@@ -130,3 +131,38 @@ def test_a_diverged_run_is_recorded_as_such_and_never_chosen(tmp_path, monkeypat
     assert bad and all("diverged" in r["error"] for r in bad)
     rows, _ = study.analyse(cfg, store)
     assert rows["adamw"].lr == 3e-3
+
+
+def test_diagnosis_variants_run_once_and_their_losses_reach_the_report(tmp_path, monkeypatch):
+    fake, calls = _fake_train({"adamw": 3e-3, "perp_adamw": 3e-3, "perp_adamw:hidden_only": 3e-3,
+                               "perp_adamw:no_decay": 3e-3})
+    monkeypatch.setattr(study.train, "train", fake)
+    monkeypatch.setattr(study, "timing", lambda *a, **k: None)
+    cfg = _cfg(tmp_path, optimizers=("adamw", "perp_adamw"), points=1, extend=0, seeds=2)
+    study.run(cfg)
+    variants = sorted(o for o, lr, s in calls if ":" in o)
+    assert variants == ["perp_adamw:hidden_only", "perp_adamw:no_decay"]
+    assert "perp_adamw:hidden_only" not in study.registry.OPTIMIZERS  # registered only to train
+    calls.clear()
+    study.run(cfg)
+    assert calls == []  # resumable like the sweep
+    text = study.diagnosis_lines(cfg, study.Store(pathlib.Path(cfg.results)), "perp_adamw")
+    assert "hidden matrices only" in text and "2.0000 (lr 0.003)" in text
+    rows, _ = study.analyse(cfg, study.Store(pathlib.Path(cfg.results)))
+    assert set(rows) == {"adamw", "perp_adamw"}  # variants are not optimizers of the table
+
+
+def test_every_diagnosis_variant_builds_and_updates():
+    import jax.numpy as jnp
+    import optax
+
+    params = {"wte": {"embedding": jnp.ones((8, 4))}, "h": {"kernel": jnp.ones((4, 4)) * 0.1},
+              "ln": {"scale": jnp.ones(4)}}
+    sched = optax.constant_schedule(1e-2)
+    for name, diag in study.DIAGNOSES.items():
+        assert name in study.registry.OPTIMIZERS, name
+        for v in diag.variants:
+            lr, build = v.make(0.01, 0.003)
+            tx = build(sched, 10)
+            u, _ = tx.update(params, tx.init(params), params)
+            assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u)), (name, v.name)
