@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from experiments import compare, memory, registry, spikes
@@ -102,8 +103,9 @@ def test_spikes_end_to_end(tmp_path, capsys):
     assert spikes.main(flags) == 0
     rows = json.loads((tmp_path / "spikes.json").read_text())
     adamw = next(r for r in rows if r["optimizer"] == "adamw")
-    assert adamw["clean"][:5] == adamw["spiked"][:5]  # identical until the spike
-    assert adamw["clean"][5] != adamw["spiked"][5]
+    # identical until the spike, up to rounding: the spiked run is another compiled program
+    np.testing.assert_allclose(adamw["clean"][:5], adamw["spiked"][:5], rtol=1e-6)
+    assert abs(adamw["clean"][5] - adamw["spiked"][5]) > 1e-4  # and the spike shows at once
     assert (tmp_path / "spikes.png").exists() and "| adamw |" in capsys.readouterr().out
     assert spikes.main(flags[:-2] + ["--spike-step", "20", "--out", str(tmp_path)]) == 2
 

@@ -85,9 +85,11 @@ def max_diff(a, b):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_one_device_sensitivity(name):
     """On one device, a one-ulp change of the gradients (x (1 + 1e-7); both recipes are
-    scale-invariant up to eps): with eps = 1e-8 SOAP moves by > 1e-4, the algorithm's own
+    scale-invariant up to eps): with eps = 1e-8 SOAP moves by more than 1e-5, the algorithm's own
     sensitivity that any other reduction order (the partitioner's) shows as well; with the
-    eps of the layout comparison, both move by < 1e-5."""
+    eps of the layout comparison, both move by < 1e-5. Measured under XLA's default CPU code
+    generation (tests/test_distributed.py): other code generation rounds differently and moves
+    these numbers (the suite's compile-speed emitters: 5e-5 and 3e-5 for SOAP)."""
     params = make_params()
     target = make_target(params)
     for eps in (1e-8, EPS):
@@ -97,4 +99,4 @@ def test_one_device_sensitivity(name):
         if eps == EPS:
             assert max_diff(base, moved) < 1e-5
         elif name == "soap":
-            assert max_diff(base, moved) > 1e-4
+            assert max_diff(base, moved) > 1e-5
