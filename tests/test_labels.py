@@ -155,3 +155,14 @@ def test_flax_partitioning_names_settle_views_that_path_and_shape_leave_ambiguou
         np.testing.assert_allclose(nn.unbox(got)[k], want[k], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="ambiguous"):
         tx.init(plain)
+
+
+def test_a_raw_primitive_on_boxed_params_reads_their_axis_names():
+    """Primitives that map over boxed trees directly (orthogonalize) see the names too."""
+    import flax.linen as nn
+
+    kernel = nn.LogicallyPartitioned(jnp.ones((8, 2, 4)), ("embed", "heads", "kv"))
+    tx = optax_ext.orthogonalize()
+    tx.init({"w_a": kernel})  # no ambiguity error: the names settle the view
+    with pytest.raises(ValueError, match="ambiguous"):
+        tx.init({"w_a": jnp.ones((8, 2, 4))})

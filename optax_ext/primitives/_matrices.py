@@ -46,16 +46,19 @@ class MatrixLeaves:
         self.active: list[int] = []
         self.specs: list[MatrixSpec] = []
         self.shapes: list[tuple[int, ...]] = []
-        for i, (path, leaf) in enumerate(self.pairs):
-            if is_masked(leaf):
-                continue
-            spec = spec_for(specs, path, leaf)
-            require_matrix(path, leaf, spec, who)
-            if jnp.size(leaf) == 0:  # nothing to transform: passes through like a masked leaf
-                continue
-            self.active.append(i)
-            self.specs.append(spec)
-            self.shapes.append(tuple(jnp.shape(leaf)))
+        from optax_ext.labels import axis_names_of  # labels builds on the shared types
+
+        with axis_names_of(tree):  # a boxed tree (primitives without with_boxes): its names
+            for i, (path, leaf) in enumerate(self.pairs):
+                if is_masked(leaf):
+                    continue
+                spec = spec_for(specs, path, leaf)
+                require_matrix(path, leaf, spec, who)
+                if jnp.size(leaf) == 0:  # nothing to transform: passes like a masked leaf
+                    continue
+                self.active.append(i)
+                self.specs.append(spec)
+                self.shapes.append(tuple(jnp.shape(leaf)))
 
     def __len__(self) -> int:
         return len(self.active)
