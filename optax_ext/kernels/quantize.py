@@ -211,29 +211,40 @@ def _order_key(bits):
 def _bucket_table(code_bytes: bytes) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Host-side tables for :func:`_nearest` on a constant map (cached by its bytes).
 
-    Returns ``(first, mids, steps)``: ``first[j]`` counts the midpoints below bucket ``j`` of
-    the float32 order keys, ``mids`` the midpoints padded with ``+inf``, and ``steps`` the most
-    midpoints any bucket holds; None when that exceeds ``_MAX_PER_BUCKET``.
+    Returns ``(table, mids, steps)`` with ``steps`` the most midpoints any bucket of the float32
+    order keys holds (None when that exceeds ``_MAX_PER_BUCKET``). With ``steps <= 1`` (the
+    dynamic maps), ``table`` is one packed int32 per bucket ``j``: the number of midpoints below
+    the bucket (bits 17 and up), whether it holds one (bit 16), and that midpoint's key offset
+    inside the bucket (bits 0-15); ``mids`` is then unused. Otherwise ``table`` holds only the
+    counts and ``mids`` the midpoints padded with ``+inf``.
     """
     code = np.frombuffer(code_bytes, np.float32)
     mids = (code[:-1] + code[1:]) * np.float32(0.5) + np.float32(0.0)  # float32; -0.0 -> +0.0
     keys = np.sort(_order_key(mids.view(np.int32)).astype(np.int64))
     starts = np.arange(-(2**31), 2**31, 2**_BUCKET_SHIFT, dtype=np.int64)
     first = np.searchsorted(keys, starts, side="left")
-    steps = int(np.max(np.searchsorted(keys, starts + 2**_BUCKET_SHIFT, side="left") - first))
+    inside = np.searchsorted(keys, starts + 2**_BUCKET_SHIFT, side="left") - first
+    steps = int(np.max(inside))
     if steps > _MAX_PER_BUCKET:
         return None
-    padded = np.concatenate([mids, np.full(max(steps, 1), np.inf, np.float32)])
+    if steps <= 1:
+        has = inside > 0
+        offset = np.where(has, keys[np.minimum(first, len(keys) - 1)] - starts, 0)
+        packed = (first << (_BUCKET_SHIFT + 1)) | (has.astype(np.int64) << _BUCKET_SHIFT) | offset
+        return packed.astype(np.int32), mids, steps
+    padded = np.concatenate([mids, np.full(steps, np.inf, np.float32)])
     return first.astype(np.uint8), padded, steps
 
 
 def _nearest(code: jax.Array | np.ndarray, y: jax.Array) -> jax.Array:
     """``searchsorted(midpoints of code, y, side="left")`` (int32): the nearest map value.
 
-    For a constant map, one lookup in a 65,536-entry table indexed by the top 16 bits of
-    ``y``'s float32 order key gives the midpoints below ``y``'s bucket; the (at most
-    ``_MAX_PER_BUCKET``, one for the dynamic maps) midpoints inside it are compared with ``y``.
-    All elementwise, fused by XLA. A traced map falls back to :func:`_count_below`.
+    For a constant map, the top 16 bits of ``y``'s float32 order key select one of 65,536
+    buckets of consecutive floats; a table gives the number of midpoints below the bucket and
+    the (at most ``_MAX_PER_BUCKET``) midpoints inside it are compared with ``y``. For the
+    dynamic maps (at most one midpoint per bucket) that is a single lookup in a packed int32
+    table and one integer comparison of the low 16 key bits: one gather per entry, fused by
+    XLA with the elementwise work around it. A traced map falls back to :func:`_count_below`.
     """
     try:
         table = _bucket_table(np.asarray(code, np.float32).tobytes())
@@ -241,13 +252,29 @@ def _nearest(code: jax.Array | np.ndarray, y: jax.Array) -> jax.Array:
         table = None
     if table is None:
         return _count_below(_midpoints(jnp.asarray(code, jnp.float32)), y)
-    first, mids, steps = table
+    table, mids, steps = table
     y = y + 0.0  # -0.0 -> +0.0: equal floats, equal keys
     key = _order_key(jax.lax.bitcast_convert_type(y, jnp.int32))
     bucket = (key >> _BUCKET_SHIFT) + 2 ** (31 - _BUCKET_SHIFT)
-    idx = jnp.asarray(first)[bucket].astype(jnp.int32)
+    entry = jnp.asarray(table)[bucket].astype(jnp.int32)
+    if steps <= 1:
+        low = key & (2**_BUCKET_SHIFT - 1)  # y's key offset inside its bucket
+        has = (entry >> _BUCKET_SHIFT) & 1
+        above = (low > (entry & (2**_BUCKET_SHIFT - 1))).astype(jnp.int32)
+        return (entry >> (_BUCKET_SHIFT + 1)) + has * above
     mids = jnp.asarray(mids)
-    return idx + sum((mids[idx + s] < y).astype(jnp.int32) for s in range(steps))
+    return entry + sum((mids[entry + s] < y).astype(jnp.int32) for s in range(steps))
+
+
+def _negatives(code: jax.Array | np.ndarray) -> int | None:
+    """For a constant sorted map whose sign bits are a prefix (negatives, then the rest), the
+    number of entries with the sign bit set; None for a traced map or any other pattern."""
+    try:
+        c = np.asarray(code, np.float32)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    k = int(np.sum(np.signbit(c)))
+    return k if bool(np.all(np.signbit(c[:k]))) else None
 
 
 def quantize_blockwise(
@@ -317,7 +344,9 @@ def quantize_blockwise(
     y = blocks / scale[:, None]  # in [-1, 1]
     idx = _nearest(code, y)  # nearest value, ties to the lower index
     if sign_fix:
-        flip = jnp.signbit(jnp.asarray(code, jnp.float32)[idx]) != jnp.signbit(blocks)
+        k = _negatives(code)  # signbit(code[idx]) without a gather: idx < k (constant map)
+        neg = idx < k if k is not None else jnp.signbit(jnp.asarray(code, jnp.float32)[idx])
+        flip = neg != jnp.signbit(blocks)
         idx = jnp.where(flip, idx + jnp.where(blocks > 0, 1, -1), idx)
         idx = jnp.clip(idx, 0, code.shape[0] - 1)
     codes = idx.reshape(-1)[: flat.shape[0]].astype(jnp.uint8).reshape(x.shape)
