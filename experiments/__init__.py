@@ -9,6 +9,15 @@ decomposition it runs (SOAP, COSMOS, SVD projection bases, SVD polar factors, sp
 goes one matrix per LAPACK call on CPU (optax_ext/kernels/lapack.py), so library users need no
 flag; it stays here as a guard for batched decompositions outside the library (test references).
 CPU backend only.
+
+It also runs OpenBLAS single-threaded (``OPENBLAS_NUM_THREADS=1`` unless the caller set it).
+jaxlib's CPU LAPACK kernels call the OpenBLAS bundled with SciPy, whose own thread pool
+busy-waits for work. With several CPU devices (a fake 8-device mesh) each device thread calls
+LAPACK at once and their OpenBLAS thread servers spin against each other: on 2 cores a GaLore
+step with its SVD refresh took 1 to 16 s from run to run, against 0.7 s single-threaded. XLA
+already runs independent operations and devices in parallel, so for the small matrices these
+experiments decompose nothing is lost. Set it yourself before importing JAX in code that does
+not import this package (see docs/DISTRIBUTED.md).
 """
 
 import functools
@@ -70,3 +79,5 @@ def add_xla_flag(name: str, value: str) -> bool:
 
 
 add_xla_flag(_NAME, "false")
+# Before JAX loads SciPy's OpenBLAS (see the module docstring); inherited by subprocesses.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -35,11 +35,13 @@ SPECS = {
 KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 
-def _grads(params, target, t, noise=0.0):
-    """Gradients of the quadratic, perturbed per step so every step differs (and, with
-    ``noise``, by that relative amount entry-wise: a fixed pattern, the same every step)."""
+def _grads(params, target, t, noise=None):
+    """Gradients of the quadratic, perturbed per step so every step differs (and, with a
+    traced ``noise``, by that relative amount entry-wise: a fixed pattern, the same every
+    step; ``noise = 0`` gives exactly the unperturbed gradients, ``x * 1``, so the reference
+    and the sensitivity runs share one compiled step)."""
     g = jax.tree.map(lambda p, q: (p - q) * (1.0 + 0.1 * t), params, target)
-    if noise:
+    if noise is not None:
         leaves, treedef = jax.tree.flatten(g)
         keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
         g = treedef.unflatten([x * (1 + noise * jax.random.normal(k, x.shape, x.dtype))
@@ -77,26 +79,33 @@ def fp32_kwargs(entry):
     return kwargs
 
 
-def _run(entry, params, target, noise=0.0):
+def _run(entry, params, target, noise=None, step=None):
     tx = optax.with_extra_args_support(entry.factory(**fp32_kwargs(entry)))
 
     @jax.jit
-    def step(params, state, t):
+    def _step(params, state, t, noise):
         g = _grads(params, target, t, noise)
         extra = entry.extra_args(t, params, g) if entry.extra_args else {}
         updates, state = tx.update(g, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
+    step = _step if step is None else step
     state = jax.jit(tx.init)(params)
     for t in range(STEPS_FOR.get(entry.name, STEPS)):
-        params, state = step(params, state, jnp.float32(t))
-    return params, state
+        params, state = step(params, state, jnp.float32(t), noise)
+    return (params, state), step
 
 
 @functools.cache
-def reference(name):
+def _one_device(name):
+    """The one-device run (no gradient noise) and its compiled step, which takes the noise."""
     params = small_params()
-    return jax.device_get(_run(BY_NAME[name], params, quadratic_target(params)))
+    (got, state), step = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(0))
+    return jax.device_get((got, state)), step
+
+
+def reference(name):
+    return _one_device(name)[0]
 
 
 # Rounding noise of the gradients' reduction: an fp32 sum of 8 terms in another order differs
@@ -112,7 +121,8 @@ def sensitivity(name):
     """Largest parameter change after the reference run when the one-device gradients are
     perturbed by ``NOISE`` (relative, entry-wise): the recipe's own sensitivity to rounding."""
     params = small_params()
-    got, _ = _run(BY_NAME[name], params, quadratic_target(params), NOISE)
+    (got, _), _ = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(NOISE),
+                       step=_one_device(name)[1])
     want, _ = reference(name)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -142,7 +152,7 @@ def test_sharded_run_matches_one_device(name, kind):
     params = jax.tree.map(shard, small_params(), SPECS)
     target = jax.tree.map(shard, quadratic_target(small_params()), SPECS)
     with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(mesh):
-        got, state = _run(BY_NAME[name], params, target)
+        (got, state), _ = _run(BY_NAME[name], params, target)
     want, want_state = reference(name)
     atol = 1e-5
     if name in ATOL:  # the recipes above known to amplify rounding: their measured sensitivity
