@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.experimental.shard_alike import shard_alike
+
 from optax_ext import labels
+from optax_ext.kernels import sharding
 from optax_ext.primitives.moments import scale_by_adam
 from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
 
@@ -78,7 +81,7 @@ def hidden_and_other(
         two_way = lambda params: labels.as_hidden_and_other(given(params))  # noqa: E731
     else:
         two_way = labels.as_hidden_and_other(param_labels)
-    return optax.partition({"hidden": hidden, "other": other}, two_way)
+    return tied(optax.partition({"hidden": hidden, "other": other}, two_way))
 
 
 def auxiliary_learning_rate(
@@ -118,7 +121,9 @@ def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransf
 
     Every recipe goes through this wrapper, so it also makes the flax partitioning names of boxed
     params (``nn.with_partitioning`` / nnx sharding metadata) visible to the default matrix views
-    of the recipe's primitives (:func:`optax_ext.labels.axis_names_of`).
+    of the recipe's primitives (:func:`optax_ext.labels.axis_names_of`), and ties the state to
+    the parameters' layout when ``init`` is traced under automatic mesh axes
+    (:func:`tie_to_params`).
 
     Args:
       tx: the recipe's transformation.
@@ -133,7 +138,7 @@ def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransf
 
     def init_fn(params):
         with labels.axis_names_of(params):
-            return tx.init(up(params))
+            return tie_to_params(tx.init(up(params)), params)
 
     def update_fn(updates, state, params=None, **extra_args):
         with labels.axis_names_of(updates if params is None else params):
@@ -142,3 +147,64 @@ def float16_in_float32(tx: optax.GradientTransformation) -> optax.GradientTransf
         return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def tied(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose ``init`` ties parameter-shaped state to the parameters (see
+    :func:`tie_to_params`); ``update`` unchanged (extra arguments passed on).
+
+    Args:
+      tx: a transformation.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``tx``'s state.
+    """
+    tx = optax.with_extra_args_support(tx)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: tie_to_params(tx.init(params), params), tx.update)
+
+
+def tie_to_params(state: Any, params: Any) -> Any:
+    """``state`` with its parameter-shaped leaves laid out like their parameters, in a ``jit``.
+
+    Under automatic mesh axes a traced ``init`` (``jax.jit(tx.init)(params)``) does not know
+    the parameters' shardings, and state built with ``zeros_like`` has no data dependence on
+    them, so without pinned ``out_shardings`` the partitioner replicates it: 8x the ideal
+    per-device bytes on 8 devices. This ties every state leaf that has the shape of its
+    parameter to it with ``shard_alike``, so it gets the parameter's input sharding: the leaves
+    of state subtrees structured like ``params`` (moments) leaf by leaf, other leaves when
+    exactly one parameter has their shape. State of other shapes (projected moments, bases,
+    factors) keeps the partitioner's choice: pin those with ``out_shardings`` (see
+    docs/DISTRIBUTED.md). A no-op for concrete parameters (eager ``init`` lays the state out
+    from their shardings), explicit axes (shardings are in the types) and single devices.
+
+    Args:
+      state: the state ``init`` built.
+      params: the parameters it was built from.
+
+    Returns:
+      ``state``, same structure, shapes and dtypes.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    traced = [x for x in leaves if isinstance(x, jax.core.Tracer) and jnp.ndim(x)]
+    mesh = sharding.mesh_of(traced[0]) if traced else None
+    if mesh is None or any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return state
+    by_shape: dict[tuple[int, ...], list[jax.Array]] = {}
+    for x in leaves:
+        by_shape.setdefault(jnp.shape(x), []).append(x)
+
+    def tie(s, p):
+        ok = isinstance(s, jax.Array) and jnp.ndim(s) and jnp.shape(s) == jnp.shape(p)
+        return shard_alike(s, p)[0] if ok else s
+
+    def like_params(node) -> bool:
+        return node is not None and jax.tree.structure(node) == treedef
+
+    def visit(node):
+        if like_params(node):
+            return jax.tree.map(tie, node, params)
+        matches = by_shape.get(jnp.shape(node), []) if isinstance(node, jax.Array) else []
+        return tie(node, matches[0]) if len(matches) == 1 else node
+
+    return jax.tree.map(visit, state, is_leaf=like_params)

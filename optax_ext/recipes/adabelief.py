@@ -8,6 +8,7 @@ import optax
 
 from optax_ext.primitives.elementwise import scale_by_adabelief
 from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
+from optax_ext.recipes import _common
 
 
 def adabelief(
@@ -61,20 +62,20 @@ def adabelief(
       (2,)
     """
     if not weight_decouple:
-        return optax.chain(
+        return _common.tied(optax.chain(
             optax.add_decayed_weights(weight_decay, mask),
             scale_by_adabelief(b1, b2, eps, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd),
             optax.scale_by_learning_rate(learning_rate),
-        )
+        ))
     core = scale_by_adabelief(b1, b2, eps, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd)
     if fixed_decay:
-        return optax.chain(
+        return _common.tied(optax.chain(
             core,
             optax.scale_by_learning_rate(learning_rate),
             add_decoupled_weight_decay(weight_decay, 1.0, after_update=False, mask=mask),
-        )
-    return optax.chain(
+        ))
+    return _common.tied(optax.chain(
         core,
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))

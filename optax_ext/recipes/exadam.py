@@ -11,6 +11,7 @@ import optax
 
 from optax_ext.primitives.elementwise import scale_by_exadam, scale_by_sgd_sai
 from optax_ext.primitives.weight_decay import add_decoupled_weight_decay
+from optax_ext.recipes import _common
 
 
 def exadam(
@@ -59,11 +60,11 @@ def exadam(
       (2,)
     """
     group_lr = learning_rate.learning_rate if isinstance(learning_rate, _V1Schedule) else learning_rate
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_exadam(b1, b2, eps),  # u = (d1 m_hat + d1 g_hat) / (sqrt(d2 v_hat) + eps)
         optax.scale_by_learning_rate(learning_rate),  # u <- -a_k u
         add_decoupled_weight_decay(weight_decay, group_lr, after_update=False, mask=mask),
-    )
+    ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,8 @@ def sgd_sai(
       >>> tx.update(jnp.array([1.0, 2.0]), tx.init(jnp.zeros(2)), jnp.zeros(2))[0].shape
       (2,)
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_sgd_sai(beta, eps, normalize_by_max=normalize_by_max),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))

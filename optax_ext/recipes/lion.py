@@ -7,6 +7,7 @@ from typing import Any
 import optax
 
 from optax_ext.primitives.elementwise import scale_by_lion
+from optax_ext.recipes import _common
 
 
 def lion(
@@ -51,11 +52,11 @@ def lion(
       >>> [round(float(x), 6) for x in u]
       [-0.1, 0.1]
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_lion(b1, b2, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))
 
 
 def lion_k(
@@ -102,8 +103,8 @@ def lion_k(
       >>> [round(float(x), 3) for x in u]
       [-0.5, 1.0]
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_lion(b1, b2, k=k, k_param=k_param, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))

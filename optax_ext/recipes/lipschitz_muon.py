@@ -179,7 +179,7 @@ def lipschitz_muon(
         given = param_labels
         rename = lambda tree: jax.tree.map(lambda x: group.get(x, x), tree)  # noqa: E731
         param_labels = (lambda p: rename(given(p))) if callable(given) else rename(given)
-    return optax.partition(transforms, param_labels)
+    return _common.tied(optax.partition(transforms, param_labels))
 
 
 # ----------------------------------------------------------------------------------------------

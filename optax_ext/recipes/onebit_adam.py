@@ -7,6 +7,7 @@ from typing import Any
 import optax
 
 from optax_ext.primitives.communication import scale_by_onebit_adam
+from optax_ext.recipes import _common
 
 
 def onebit_adam(
@@ -123,7 +124,7 @@ def onebit_adam(
       >>> int(state[0].count), round(float(params["w"][0]), 2)   # 1 init + 2 warm-up + 2 compressed
       (5, 1.53)
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_onebit_adam(  # m, v by phase; m 1-bit all-reduced after F; + wd W
             b1,
             b2,
@@ -137,4 +138,4 @@ def onebit_adam(
             nu_dtype=mu_dtype,
         ),
         optax.scale_by_learning_rate(learning_rate),  # W <- W - lr u
-    )
+    ))

@@ -7,6 +7,7 @@ from typing import Any
 import optax
 
 from optax_ext.primitives.hessian import scale_by_adahessian, scale_by_sophia
+from optax_ext.recipes import _common
 
 
 def sophia(
@@ -65,7 +66,7 @@ def sophia(
       >>> tx.update(p, tx.init(p), p, hessian=jnp.ones(3))[0].shape
       (3,)
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_sophia(
             b1,
             b2,
@@ -78,7 +79,7 @@ def sophia(
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))
 
 
 def adahessian(
@@ -122,8 +123,8 @@ def adahessian(
       >>> tx.update(p, tx.init(p), p, hessian=jnp.ones(3))[0].shape
       (3,)
     """
-    return optax.chain(
+    return _common.tied(optax.chain(
         scale_by_adahessian(b1, b2, eps, hessian_power=hessian_power, spatial=spatial),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ))

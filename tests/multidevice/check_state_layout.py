@@ -101,3 +101,29 @@ def test_update_returns_state_in_the_layout_it_received(name, kind):
     assert ratio(state) <= LIMIT, (name, kind, ratio(state))
     for p in jax.tree.leaves(params):
         assert math.isfinite(float(jnp.sum(p)))
+
+
+# A jitted init under automatic axes: the parameters are traced and their shardings unknown,
+# so state of other shapes (projected moments, bases) is the partitioner's choice (replicated:
+# pin it with out_shardings); parameter-shaped state is tied to its parameter
+# (optax_ext.recipes._common.tie_to_params). One recipe per kind of state layout.
+JIT_INIT = ["muon", "normuon", "root", "lion", "adabelief", "exadam", "sophia", "onebit_adam",
+            "lipschitz_muon", "spam", "adamw_8bit(min_size=0)", "cosmos"]
+JIT_INIT_PROJECTED = ["galore", "conda"]  # low-rank state replicated: only the moments tied
+
+
+@pytest.mark.parametrize("name", JIT_INIT + JIT_INIT_PROJECTED)
+def test_jitted_init_under_automatic_axes_ties_parameter_shaped_state(name):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    entry = BY_NAME[name]
+    tx = optax.with_extra_args_support(entry.factory(**entry.kwargs))
+    with jax.set_mesh(mesh):
+        params = fsdp_params(mesh)
+        state = jax.jit(tx.init)(params)
+    by_shape = {p.shape: p for p in jax.tree.leaves(params)}
+    tied = [(s, by_shape[s.shape]) for s in jax.tree.leaves(state) if s.shape in by_shape]
+    assert tied
+    for s, p in tied:
+        assert s.sharding.is_equivalent_to(p.sharding, s.ndim), (name, s.shape, s.sharding)
+    if name in JIT_INIT:
+        assert ratio(state) <= LIMIT, (name, ratio(state))
