@@ -182,6 +182,18 @@ def _blocks(flat: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(flat, (0, nb * block_size - flat.shape[0])).reshape(nb, block_size)
 
 
+def _take(table, idx: jax.Array) -> jax.Array:
+    """``table[idx]`` for a small replicated table; on an explicit-axis mesh the result is laid
+    out like ``idx`` (each device looks up its own entries, no communication)."""
+    table = jnp.asarray(table)
+    s = getattr(jax.typeof(idx), "sharding", None)
+    mesh = getattr(s, "mesh", None)
+    types = tuple(getattr(mesh, "axis_types", ()))
+    if mesh is not None and jax.sharding.AxisType.Explicit in types and mesh.size > 1:
+        return table.at[idx].get(out_sharding=s)
+    return table[idx]
+
+
 def _midpoints(code: jax.Array) -> jax.Array:
     """``(code[k] + code[k+1]) * 0.5`` in float32, padded with +inf to 255 entries."""
     mid = (code[:-1] + code[1:]) * 0.5
@@ -193,7 +205,7 @@ def _count_below(table: jax.Array, y: jax.Array) -> jax.Array:
     branch-free binary search (eight gathers from the table). Used when the map is traced."""
     idx = jnp.zeros(y.shape, jnp.int32)
     for step in (128, 64, 32, 16, 8, 4, 2, 1):
-        idx = jnp.where(table[idx + (step - 1)] < y, idx + step, idx)
+        idx = jnp.where(_take(table, idx + (step - 1)) < y, idx + step, idx)
     return idx
 
 
@@ -256,14 +268,14 @@ def _nearest(code: jax.Array | np.ndarray, y: jax.Array) -> jax.Array:
     y = y + 0.0  # -0.0 -> +0.0: equal floats, equal keys
     key = _order_key(jax.lax.bitcast_convert_type(y, jnp.int32))
     bucket = (key >> _BUCKET_SHIFT) + 2 ** (31 - _BUCKET_SHIFT)
-    entry = jnp.asarray(table)[bucket].astype(jnp.int32)
+    entry = _take(table, bucket).astype(jnp.int32)
     if steps <= 1:
         low = key & (2**_BUCKET_SHIFT - 1)  # y's key offset inside its bucket
         has = (entry >> _BUCKET_SHIFT) & 1
         above = (low > (entry & (2**_BUCKET_SHIFT - 1))).astype(jnp.int32)
         return (entry >> (_BUCKET_SHIFT + 1)) + has * above
     mids = jnp.asarray(mids)
-    return entry + sum((mids[entry + s] < y).astype(jnp.int32) for s in range(steps))
+    return entry + sum((_take(mids, entry + s) < y).astype(jnp.int32) for s in range(steps))
 
 
 def _negatives(code: jax.Array | np.ndarray) -> int | None:
@@ -337,20 +349,40 @@ def quantize_blockwise(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     x = jnp.asarray(x)
     flat = x.reshape(-1).astype(jnp.float32)
-    flat = jnp.where(jnp.isfinite(flat), flat, jnp.zeros_like(flat))
-    blocks = _blocks(flat, block_size)  # [nb, B]
+    codes, absmax = quantize_blocks(_blocks(flat, block_size), code, sign_fix=sign_fix)
+    codes = codes.reshape(-1)[: flat.shape[0]].reshape(x.shape)
+    return codes, absmax
+
+
+def quantize_blocks(
+    blocks: jax.Array, code: jax.Array, *, sign_fix: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`quantize_blockwise` on a tensor already cut into blocks: one block per row.
+
+    Row-wise only, so it runs unchanged on blocks sharded over their rows (each device
+    quantizes the blocks it holds, without communication).
+
+    Args:
+      blocks: ``(n_blocks, block_size)``, any float dtype (computed in float32).
+      code: the sorted map.
+      sign_fix: see :func:`quantize_blockwise`.
+
+    Returns:
+      ``(codes, absmax)``: ``uint8[n_blocks, block_size]`` and ``float32[n_blocks]``.
+    """
+    blocks = blocks.astype(jnp.float32)
+    blocks = jnp.where(jnp.isfinite(blocks), blocks, jnp.zeros_like(blocks))
     absmax = jnp.max(jnp.abs(blocks), axis=1, initial=0.0)  # [nb]
     scale = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
     y = blocks / scale[:, None]  # in [-1, 1]
     idx = _nearest(code, y)  # nearest value, ties to the lower index
     if sign_fix:
         k = _negatives(code)  # signbit(code[idx]) without a gather: idx < k (constant map)
-        neg = idx < k if k is not None else jnp.signbit(jnp.asarray(code, jnp.float32)[idx])
+        neg = idx < k if k is not None else jnp.signbit(_take(jnp.asarray(code, jnp.float32), idx))
         flip = neg != jnp.signbit(blocks)
         idx = jnp.where(flip, idx + jnp.where(blocks > 0, 1, -1), idx)
         idx = jnp.clip(idx, 0, code.shape[0] - 1)
-    codes = idx.reshape(-1)[: flat.shape[0]].astype(jnp.uint8).reshape(x.shape)
-    return codes, absmax
+    return idx.astype(jnp.uint8), absmax
 
 
 def dequantize_blockwise(
@@ -382,6 +414,12 @@ def dequantize_blockwise(
             f"absmax has shape {absmax.shape}; codes of shape {codes.shape} in blocks of "
             f"{block_size} need ({num_blocks(n, block_size)},)"
         )
-    vals = _blocks(code[codes.reshape(-1).astype(jnp.int32)], block_size)
-    out = (vals * absmax.astype(jnp.float32)[:, None]).reshape(-1)[:n]
-    return out.reshape(codes.shape)
+    vals = dequantize_blocks(_blocks(codes.reshape(-1), block_size), absmax, code)
+    return vals.reshape(-1)[:n].reshape(codes.shape)
+
+
+def dequantize_blocks(codes: jax.Array, absmax: jax.Array, code: jax.Array) -> jax.Array:
+    """:func:`dequantize_blockwise` on codes already cut into blocks (row-wise, like
+    :func:`quantize_blocks`): ``code[codes] * absmax[:, None]``, float32."""
+    code = jnp.asarray(code, jnp.float32)
+    return _take(code, codes.astype(jnp.int32)) * absmax.astype(jnp.float32)[:, None]

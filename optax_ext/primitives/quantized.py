@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_ext._boxes import with_boxes
 from optax_ext._types import is_masked, leaf_error
 from optax_ext.kernels import sharding
-from optax_ext.kernels.quantize import BlockQuantizer, dequantize_blockwise, quantize_blockwise
+from optax_ext.kernels.quantize import (
+    BlockQuantizer,
+    dequantize_blockwise,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blockwise,
+)
 from optax_ext.primitives._state import map_fields
 
 
@@ -41,6 +50,37 @@ class QuantizeStateState(NamedTuple):
 
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray) or is_masked(x)
+
+
+def _row_sharding(x: jax.Array, block_size: int):
+    """``(mesh, axes)`` when ``x`` is sharded over its first axis only (FSDP) and every
+    device's slice is a whole number of blocks, so blocks (and their ``absmax``) can stay
+    sharded over ``axes``; None otherwise (single device, replicated, other layouts)."""
+    if jnp.ndim(x) == 0:
+        return None
+    mesh = sharding.mesh_of(x)
+    if mesh is None:
+        return None
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        spec = getattr(x.sharding, "spec", spec)  # concrete: its placed sharding (any axes)
+    if spec is None:
+        return None
+    spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+    if spec[0] is None or any(s is not None for s in spec[1:]):
+        return None
+    axes = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+    devices = math.prod(dict(mesh.shape)[a] for a in axes)
+    if x.shape[0] % devices or (x.size // devices) % block_size:
+        return None
+    return mesh, spec[0]
+
+
+def _reshape(x: jax.Array, shape, mesh, spec: P) -> jax.Array:
+    """``x`` reshaped to ``shape`` and laid out as ``spec`` (explicit axes: in the type)."""
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.lax.reshape(x, shape, out_sharding=NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x.reshape(shape), NamedSharding(mesh, spec))
 
 
 def quantize_state(
@@ -141,17 +181,30 @@ def quantize_state(
         if x.size < quantizer.min_size:
             return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
         sign_fix = quantizer.sign_fix and name in signed
-        # Blocks run over the flattened tensor: on an explicit-axis mesh, gather it first
-        # (one all-gather per leaf); the codes are stored in the statistic's own layout.
+        rows = _row_sharding(x, bs)
+        if rows is not None:  # FSDP: each device quantizes its own blocks, absmax sharded too
+            mesh, axes = rows
+            blocks = _reshape(x, (x.size // bs, bs), mesh, P(axes, None))
+            codes, absmax = quantize_blocks(blocks, maps[name], sign_fix=sign_fix)
+            codes = _reshape(codes, x.shape, mesh, P(axes, *([None] * (x.ndim - 1))))
+            return QuantizedArray(codes, absmax)
+        # Other layouts: blocks run over the flattened tensor, so on an explicit-axis mesh it is
+        # gathered first (one all-gather per leaf); the codes keep the statistic's own layout.
         xr = sharding.replicate(x)
         codes, absmax = quantize_blockwise(xr, maps[name], block_size=bs, sign_fix=sign_fix)
         return QuantizedArray(sharding.match(codes, x), absmax)
 
     def dequantize_leaf(name, q):
-        if isinstance(q, QuantizedArray):
-            codes = sharding.replicate(q.codes)
-            return dequantize_blockwise(codes, q.absmax, maps[name], block_size=bs)
-        return q
+        if not isinstance(q, QuantizedArray):
+            return q
+        rows = _row_sharding(q.codes, bs)
+        if rows is not None:
+            mesh, axes = rows
+            codes = _reshape(q.codes, (q.codes.size // bs, bs), mesh, P(axes, None))
+            vals = dequantize_blocks(codes, q.absmax, maps[name])
+            return _reshape(vals, q.codes.shape, mesh, P(axes, *([None] * (q.codes.ndim - 1))))
+        codes = sharding.replicate(q.codes)
+        return dequantize_blockwise(codes, q.absmax, maps[name], block_size=bs)
 
     def store(inner_state):
         def fn(name, tree):
@@ -185,6 +238,7 @@ def quantize_state(
             return jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)).astype(g.dtype)
 
         out = jax.tree.map(keep_finite, out, updates)
-        return out, QuantizeStateState(inner_state=store(inner_state)[0])
+        new_state = QuantizeStateState(inner_state=store(inner_state)[0])
+        return out, sharding.keep_layout(new_state, state)
 
     return with_boxes(optax.GradientTransformationExtraArgs(init_fn, update_fn))
