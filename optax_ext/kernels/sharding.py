@@ -4,7 +4,7 @@ Matrix kernels (Newton-Schulz, SVD, projections) contract over both axes of ever
 parameter is sharded over a mesh (FSDP rows, tensor-parallel columns), running them on the
 sharded layout costs a collective per matmul. Instead, :func:`to_owner_layout` spreads the stacked
 batch of whole matrices over all devices, and :func:`from_owner_layout` puts the result back:
-one all-to-all each way per bucket of same-shaped matrices. Works with explicit-axis meshes
+one all-to-all each way per stacked array of a bucket of same-shaped matrices. Works with explicit-axis meshes
 (sharding in types: ``jax.sharding.reshard``) and automatic ones (GSPMD:
 ``with_sharding_constraint``); inside ``shard_map`` (manual axes) arrays are local and nothing
 changes.
@@ -75,15 +75,22 @@ def to_owner_layout(x: jax.Array, mesh) -> jax.Array:
     return _constrain(x, mesh, P(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
 
 
-def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
-    """Drops the padding and lays ``y`` out like ``like`` (same shape) or replicated (otherwise)."""
+def from_owner_layout(y: jax.Array, total: int, like: jax.Array, mesh=None) -> jax.Array:
+    """Drops the padding and lays ``y`` out like ``like`` (same shape) or replicated (otherwise).
+
+    ``mesh``: the owner layout's mesh, for a ``like`` that has none (an input not placed on the
+    mesh, e.g. a fresh state scalar stacked with sharded ones): ``y`` comes back replicated.
+    """
+    if mesh_of(like) is None:
+        return y[:total] if mesh is None else _constrain(y, mesh, P())[:total]
     mesh = mesh_of(like)
-    if mesh is None:
-        return y[:total]
     if not _explicit(mesh):
         # Automatic axes: unshard the batch axis in one exchange, back in the input's layout
         # where the shapes agree (the partitioner picks the rest of a stacked bucket).
-        if y.shape[1:] != like.shape[1:]:  # as under explicit axes: replicated
+        small = math.prod(y.shape[1:]) < math.prod(mesh.axis_sizes)
+        if y.shape[1:] != like.shape[1:] or small:  # as under explicit axes: replicated
+            # (also a few numbers per matrix, which no layout splits over the devices: tied to
+            # the stacked input, the partitioner shards them and splits them per item again)
             return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P()))[:total]
         free = (P.UNCONSTRAINED,) * (y.ndim - 1)
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))[:total]
