@@ -490,8 +490,12 @@ def scale_by_cosmos(
         O = NS5(U - U P P^T);   O <- sqrt(mn) O / (||O|| + eps)
         D = A + gamma O;   u = sqrt(mn) D / (||D|| + eps)
 
-    Same-shaped matrices are processed together, one batched call per shape (and laid out
-    "owner computes" on a device mesh, see :func:`optax_ext.kernels.bucket_apply`).
+    Same-shaped matrices are processed together, one batched call per shape, laid out "owner
+    computes" on a device mesh (see :func:`optax_ext.kernels.bucket_apply`): each device
+    updates the basis, Gram matrix and second moment of the matrices it holds whole, and each
+    of them goes back to its storage layout, which follows the parameter where the axes agree
+    (``sharding.align`` with ``spread``: a row-sharded ``(fan_in, fan_out)`` kernel keeps its
+    ``basis`` row-sharded and spreads ``nu`` and ``gram`` over their largest divisible axis).
 
     Args:
       b1, b2, eps: Defaults 0.9, 0.999, 1e-8 (class; README: 0.95, 0.95).
@@ -547,9 +551,9 @@ def scale_by_cosmos(
         return ScaleByCosmosState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
-            nu=leaves.stored(nu, params),
-            basis=leaves.stored(basis, params),
-            gram=leaves.stored(gram, params),
+            nu=leaves.stored(nu, params, spread=True),
+            basis=leaves.stored(basis, params, spread=True),
+            gram=leaves.stored(gram, params, spread=True),
             gram_exponent=leaves.stored(expo, params),
         )
 
@@ -616,17 +620,23 @@ def scale_by_cosmos(
                 leaves.unstored(state.gram_exponent),
             )
         )
-        outs, nus, bases, grams, expos = zip(*bucket_apply(step, items)) if items else [()] * 5
-        return leaves.restore(list(outs), like=updates), ScaleByCosmosState(
+        # each output back in the layout of the input it replaces (owner computes on a mesh)
+        outs = bucket_apply(step, items, out_like=(0, 2, 3, 4, 5))
+        outs, nus, bases, grams, expos = zip(*outs) if items else [()] * 5
+        new_state = ScaleByCosmosState(
             count=count,
             mu=mu,
-            nu=leaves.stored(list(nus), like=updates),
-            basis=leaves.stored(list(bases), like=updates),
-            gram=leaves.stored(list(grams), like=updates),
+            nu=leaves.stored(list(nus), like=updates, spread=True),
+            basis=leaves.stored(list(bases), like=updates, spread=True),
+            gram=leaves.stored(list(grams), like=updates, spread=True),
             gram_exponent=leaves.stored(list(expos), like=updates),
         )
+        return (
+            sharding.keep_layout(leaves.restore(list(outs), like=updates), updates),
+            sharding.keep_layout(new_state, state),
+        )
 
-    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByCosmosAdamState(NamedTuple):
