@@ -12,8 +12,6 @@ changes.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any
 
@@ -23,16 +21,8 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_GATHERED = contextvars.ContextVar("optax_ext_gathered", default=False)
-
-
 def mesh_of(x: jax.Array):
-    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None.
-
-    None as well while tracing inside :func:`gathered` (inputs are replicated there, and
-    kernels run as on one device)."""
-    if _GATHERED.get():
-        return None
+    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None."""
     try:
         s = jax.typeof(x).sharding
     except Exception:  # noqa: BLE001 - non-array inputs have no sharding
@@ -109,46 +99,6 @@ def replicate(x: jax.Array) -> jax.Array:
     if mesh is None or not _explicit(mesh):
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, P()))
-
-
-@contextlib.contextmanager
-def _gathering():
-    token = _GATHERED.set(True)
-    try:
-        yield
-    finally:
-        _GATHERED.reset(token)
-
-
-def gathered(tx):
-    """``tx`` run on gathered (replicated) inputs under an explicit-axis mesh.
-
-    For transformations whose per-leaf linear algebra mixes both axes of a matrix in ways the
-    owner-computes layout does not cover (SOAP's two-sided rotations, COSMOS's mixed basis):
-    every sharded input leaf is all-gathered once, ``tx``
-    runs unchanged, and each output leaf is put back in its input's layout (updates like the
-    gradients, each state leaf like itself), so moments stay sharded like their parameters and
-    the state's layout is stable across steps. Costs one all-gather per sharded leaf per step
-    and the transient memory of the gathered leaves. Automatic-axis meshes and single devices:
-    ``tx`` unchanged in effect (the partitioner places the computation).
-
-    Args:
-      tx: an ``optax.GradientTransformation`` (extra-args or not).
-
-    Returns:
-      A transformation of the same type.
-    """
-
-    def update_fn(updates, state, params=None, **extra_args):
-        rep = lambda tree: jax.tree.map(replicate, tree)  # noqa: E731
-        args = rep(updates), rep(state), None if params is None else rep(params)
-        with _gathering():
-            new_updates, new_state = tx.update(*args, **extra_args)
-        new_updates = jax.tree.map(match, new_updates, updates)
-        new_state = jax.tree.map(match, new_state, state)
-        return new_updates, new_state
-
-    return type(tx)(tx.init, update_fn)
 
 
 def _concrete_sharding(x) -> NamedSharding | None:
