@@ -116,7 +116,8 @@ def _unmerged(y: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _spread(x: jax.Array, like: Any) -> jax.Array:
-    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide).
+    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide;
+    otherwise replicated on that mesh, the layout ``update`` returns it in).
 
     SOAP's ``d x d`` factors share no axis with their parameter that would shard them the
     same way (an FSDP ``(m, n)`` kernel shards ``m`` only, so its ``n x n`` factor would be
@@ -137,7 +138,7 @@ def _spread(x: jax.Array, like: Any) -> jax.Array:
         mesh, devices = s.mesh, s.mesh.size
         place = lambda spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     if x.shape[0] % devices:
-        return x
+        return place(P())
     return place(P(tuple(mesh.axis_names)))
 
 
