@@ -187,7 +187,7 @@ def _run_bucket(
         parts = [items[i][j] for i in members]
         if mesh is not None:
             parts = [sharding.match(p, parts[0]) for p in parts]
-        stacked.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0))
+        stacked.append(parts[0] if len(parts) == 1 else sharding.stacked(parts, mesh))
     if mesh is None:
         out = call(members[0], *stacked)
     else:

@@ -56,6 +56,21 @@ def match(x: jax.Array, like: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, target)
 
 
+def stacked(parts: list[jax.Array], mesh) -> jax.Array:
+    """The items of a bucket concatenated along the batch axis, in their own layout.
+
+    Automatic axes: the batch axis of the concatenation stays unsharded (the other axes are
+    left to the partitioner). Left free, the partitioner shards it (it feeds the owner
+    layout), and results tied to it (see :func:`from_owner_layout`) would be split per item
+    again with a permute each.
+    """
+    x = jnp.concatenate(parts, axis=0)
+    if mesh is None or _explicit(mesh):
+        return x
+    free = (P.UNCONSTRAINED,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, *free)))
+
+
 def to_owner_layout(x: jax.Array, mesh) -> jax.Array:
     """Pads the leading (batch) axis to a multiple of the device count and shards it."""
     devices = math.prod(mesh.axis_sizes)
@@ -77,10 +92,7 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array, mesh=None) -> j
     if not _explicit(mesh):
         # Automatic axes: unshard the batch axis in one exchange, back in the input's layout
         # where the shapes agree (the partitioner picks the rest of a stacked bucket).
-        small = math.prod(y.shape[1:]) < math.prod(mesh.axis_sizes)
-        if y.shape[1:] != like.shape[1:] or small:  # as under explicit axes: replicated
-            # (also a few numbers per matrix, which no layout splits over the devices: tied to
-            # the stacked input, the partitioner shards them and splits them per item again)
+        if y.shape[1:] != like.shape[1:]:  # as under explicit axes: replicated
             return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P()))[:total]
         free = (P.UNCONSTRAINED,) * (y.ndim - 1)
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *free)))[:total]
