@@ -51,7 +51,7 @@ def per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
     spec = None if mesh is None else P(tuple(mesh.axis_names))
     if spec is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
         lead = tuple(jax.typeof(xs[0]).sharding.spec)[:1]
-        spec = spec if lead == tuple(spec)[:1] else None  # replicated (gathered): plain loop
+        spec = spec if lead == tuple(spec)[:1] else None  # not in the owner layout: plain loop
     if spec is not None and xs[0].shape[0] % math.prod(mesh.axis_sizes) == 0:
         # owner layout: each device loops over the matrices it holds
         return jax.shard_map(loop, mesh=mesh, in_specs=spec, out_specs=spec)(*xs)

@@ -114,6 +114,7 @@ def bucket_apply(
     *,
     static: Sequence[Any] | None = None,
     stack: bool = True,
+    out_like: Sequence[int | None] | None = None,
 ) -> list[Any]:
     """Runs ``fn`` once per bucket of same-(shape, dtype) items, on the stacked batch.
 
@@ -126,8 +127,9 @@ def bucket_apply(
     device, explicit or automatic axes), each stacked bucket is laid out "owner computes": its
     matrices are spread whole over all devices (padded with zero matrices to a multiple of the
     device count), ``fn`` runs without communication, and the result is laid out back like the
-    input (outputs of another shape are replicated). That costs one all-to-all each way per
-    bucket, independent of what ``fn`` does (e.g. the number of Newton-Schulz steps).
+    input (outputs of another shape are replicated, unless ``out_like`` names an input of their
+    shape). That costs one all-to-all each way per stacked array, independent of what ``fn``
+    does (e.g. the number of Newton-Schulz steps).
 
     Args:
       fn: ``(*arrays) -> array | tuple[array, ...]``, batched over the leading axis.
@@ -135,6 +137,11 @@ def bucket_apply(
       static: optional hashable per item (e.g. the projected axis); it joins the bucket key and
         is passed to ``fn`` as its first argument: ``fn(static, *arrays)``.
       stack: if False, call ``fn`` per item (for reference and tests).
+      out_like: optional, for output ``j`` of ``fn`` the position of the input whose per-item
+        layout it gets back on a mesh (an output shaped like that input: e.g. a refreshed
+        factor laid out like the stored factor it replaces). None (or an output past its end):
+        the first input's layout if shaped like it, else replicated. Entries past a bucket's
+        number of outputs are unused (buckets may differ in arity).
 
     Returns:
       A list with ``fn``'s output for every item, in the order of ``items``.
@@ -153,15 +160,25 @@ def bucket_apply(
         buckets.setdefault(key, []).append(i)
     results: list[Any] = [None] * len(items)
     for members in buckets.values():
-        for i, out in zip(members, _run_bucket(call, items, members)):
+        for i, out in zip(members, _run_bucket(call, items, members, out_like)):
             results[i] = out
     return results
 
 
-def _run_bucket(call: Callable[..., Any], items: Sequence[tuple[jax.Array, ...]], members):
+def _run_bucket(
+    call: Callable[..., Any],
+    items: Sequence[tuple[jax.Array, ...]],
+    members: Sequence[int],
+    out_like: Sequence[int | None] | None = None,
+):
     """Stacks the items of one bucket, calls the kernel once, and splits the outputs."""
     first = items[members[0]]
     mesh = sharding.mesh_of(first[0])
+
+    def like(j: int) -> int:  # the input whose layout output j gets back
+        k = None if out_like is None or j >= len(out_like) else out_like[j]
+        return 0 if k is None else k
+
     if len(members) == 1 and mesh is None:
         return [call(members[0], *first)]
     sizes = [items[i][0].shape[0] for i in members]
@@ -170,7 +187,7 @@ def _run_bucket(call: Callable[..., Any], items: Sequence[tuple[jax.Array, ...]]
         parts = [items[i][j] for i in members]
         if mesh is not None:
             parts = [sharding.match(p, parts[0]) for p in parts]
-        stacked.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0))
+        stacked.append(parts[0] if len(parts) == 1 else sharding.stacked(parts, mesh))
     if mesh is None:
         out = call(members[0], *stacked)
     else:
@@ -180,22 +197,25 @@ def _run_bucket(call: Callable[..., Any], items: Sequence[tuple[jax.Array, ...]]
         out = call(members[0], *owned)
         total = sum(sizes)
         if isinstance(out, tuple):
-            out = tuple(sharding.from_owner_layout(o, total, stacked[0]) for o in out)
+            out = tuple(
+                sharding.from_owner_layout(o, total, stacked[like(j)], mesh)
+                for j, o in enumerate(out)
+            )
         else:
-            out = sharding.from_owner_layout(out, total, stacked[0])
+            out = sharding.from_owner_layout(out, total, stacked[like(0)], mesh)
     splits = np.cumsum(sizes)[:-1].tolist()
 
-    def split(o: jax.Array) -> list[jax.Array]:
+    def split(o: jax.Array, j: int) -> list[jax.Array]:
         parts = jnp.split(o, splits, axis=0) if len(members) > 1 else [o]
         if mesh is None or len(members) == 1:
             return parts
         # each item back in its own layout
         return [
-            sharding.match(p, items[i][0]) if p.shape == items[i][0].shape else p
+            sharding.match(p, items[i][like(j)]) if p.shape == items[i][like(j)].shape else p
             for p, i in zip(parts, members)
         ]
 
     if isinstance(out, tuple):
-        per_output = [split(o) for o in out]
+        per_output = [split(o, j) for j, o in enumerate(out)]
         return [tuple(p[k] for p in per_output) for k in range(len(members))]
-    return split(out)
+    return split(out, 0)

@@ -4,7 +4,7 @@ Matrix kernels (Newton-Schulz, SVD, projections) contract over both axes of ever
 parameter is sharded over a mesh (FSDP rows, tensor-parallel columns), running them on the
 sharded layout costs a collective per matmul. Instead, :func:`to_owner_layout` spreads the stacked
 batch of whole matrices over all devices, and :func:`from_owner_layout` puts the result back:
-one all-to-all each way per bucket of same-shaped matrices. Works with explicit-axis meshes
+one all-to-all each way per stacked array of a bucket of same-shaped matrices. Works with explicit-axis meshes
 (sharding in types: ``jax.sharding.reshard``) and automatic ones (GSPMD:
 ``with_sharding_constraint``); inside ``shard_map`` (manual axes) arrays are local and nothing
 changes.
@@ -12,8 +12,6 @@ changes.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any
 
@@ -23,16 +21,8 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_GATHERED = contextvars.ContextVar("optax_ext_gathered", default=False)
-
-
 def mesh_of(x: jax.Array):
-    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None.
-
-    None as well while tracing inside :func:`gathered` (inputs are replicated there, and
-    kernels run as on one device)."""
-    if _GATHERED.get():
-        return None
+    """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None."""
     try:
         s = jax.typeof(x).sharding
     except Exception:  # noqa: BLE001 - non-array inputs have no sharding
@@ -66,6 +56,21 @@ def match(x: jax.Array, like: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, target)
 
 
+def stacked(parts: list[jax.Array], mesh) -> jax.Array:
+    """The items of a bucket concatenated along the batch axis, in their own layout.
+
+    Automatic axes: the batch axis of the concatenation stays unsharded (the other axes are
+    left to the partitioner). Left free, the partitioner shards it (it feeds the owner
+    layout), and results tied to it (see :func:`from_owner_layout`) would be split per item
+    again with a permute each.
+    """
+    x = jnp.concatenate(parts, axis=0)
+    if mesh is None or _explicit(mesh):
+        return x
+    free = (P.UNCONSTRAINED,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, *free)))
+
+
 def to_owner_layout(x: jax.Array, mesh) -> jax.Array:
     """Pads the leading (batch) axis to a multiple of the device count and shards it."""
     devices = math.prod(mesh.axis_sizes)
@@ -75,11 +80,15 @@ def to_owner_layout(x: jax.Array, mesh) -> jax.Array:
     return _constrain(x, mesh, P(tuple(mesh.axis_names), *([None] * (x.ndim - 1))))
 
 
-def from_owner_layout(y: jax.Array, total: int, like: jax.Array) -> jax.Array:
-    """Drops the padding and lays ``y`` out like ``like`` (same shape) or replicated (otherwise)."""
+def from_owner_layout(y: jax.Array, total: int, like: jax.Array, mesh=None) -> jax.Array:
+    """Drops the padding and lays ``y`` out like ``like`` (same shape) or replicated (otherwise).
+
+    ``mesh``: the owner layout's mesh, for a ``like`` that has none (an input not placed on the
+    mesh, e.g. a fresh state scalar stacked with sharded ones): ``y`` comes back replicated.
+    """
+    if mesh_of(like) is None:
+        return y[:total] if mesh is None else _constrain(y, mesh, P())[:total]
     mesh = mesh_of(like)
-    if mesh is None:
-        return y[:total]
     if not _explicit(mesh):
         # Automatic axes: unshard the batch axis in one exchange, back in the input's layout
         # where the shapes agree (the partitioner picks the rest of a stacked bucket).
@@ -102,46 +111,6 @@ def replicate(x: jax.Array) -> jax.Array:
     if mesh is None or not _explicit(mesh):
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, P()))
-
-
-@contextlib.contextmanager
-def _gathering():
-    token = _GATHERED.set(True)
-    try:
-        yield
-    finally:
-        _GATHERED.reset(token)
-
-
-def gathered(tx):
-    """``tx`` run on gathered (replicated) inputs under an explicit-axis mesh.
-
-    For transformations whose per-leaf linear algebra mixes both axes of a matrix in ways the
-    owner-computes layout does not cover (SOAP's two-sided rotations, COSMOS's mixed basis):
-    every sharded input leaf is all-gathered once, ``tx``
-    runs unchanged, and each output leaf is put back in its input's layout (updates like the
-    gradients, each state leaf like itself), so moments stay sharded like their parameters and
-    the state's layout is stable across steps. Costs one all-gather per sharded leaf per step
-    and the transient memory of the gathered leaves. Automatic-axis meshes and single devices:
-    ``tx`` unchanged in effect (the partitioner places the computation).
-
-    Args:
-      tx: an ``optax.GradientTransformation`` (extra-args or not).
-
-    Returns:
-      A transformation of the same type.
-    """
-
-    def update_fn(updates, state, params=None, **extra_args):
-        rep = lambda tree: jax.tree.map(replicate, tree)  # noqa: E731
-        args = rep(updates), rep(state), None if params is None else rep(params)
-        with _gathering():
-            new_updates, new_state = tx.update(*args, **extra_args)
-        new_updates = jax.tree.map(match, new_updates, updates)
-        new_state = jax.tree.map(match, new_state, state)
-        return new_updates, new_state
-
-    return type(tx)(tx.init, update_fn)
 
 
 def _concrete_sharding(x) -> NamedSharding | None:

@@ -53,7 +53,8 @@ class ScaleBySoapState(NamedTuple):
       gg: per leaf, a tuple with one float32 Gram factor ``(d_i, d_i)`` per (merged) axis, or
         None for axes without one (larger than ``max_precond_dim``, or 1-D leaves without
         ``precondition_1d``): the tree structure never changes. On a device mesh, ``init``
-        spreads the rows of every factor over all devices (when they divide ``d_i``).
+        spreads the rows of every factor over all devices (when they divide ``d_i``), and
+        ``update`` returns every state leaf in the layout it received.
       q: per leaf, the eigenbases matching ``gg`` (parameter dtype), laid out like ``gg``.
       gg_exponent: per leaf, an int32 scalar per factor of ``gg`` (None where ``gg`` is None):
         the Gram factor is ``gg * 2**gg_exponent`` (0 unless gradients reached ``2**40``;
@@ -85,8 +86,38 @@ def merged_shape(shape: Sequence[int], max_dim: int, merge: bool) -> tuple[int, 
     return tuple(out)
 
 
+def _merged(x: jax.Array, mshape: tuple[int, ...]) -> jax.Array:
+    """``x`` reshaped to its merged shape. Under explicit mesh axes each merged group keeps the
+    sharding of its leading axis (the layout a reshape can carry); a sharding of another axis
+    of the group is gathered first."""
+    if tuple(x.shape) == mshape:
+        return x
+    mesh = sharding.mesh_of(x)
+    if mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+        spec = list(jax.typeof(x).sharding.spec) + [None] * x.ndim
+        want, axis = [], 0
+        for size in mshape:  # the axes of x that make up this merged axis
+            lead, prod = axis, 1
+            while prod < size:
+                prod *= x.shape[axis]
+                want.append(spec[axis] if axis == lead else None)
+                axis += 1
+        want += [None] * (x.ndim - len(want))
+        if want != spec[: x.ndim]:
+            x = jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
+    return x.reshape(mshape)
+
+
+def _unmerged(y: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`_merged`: ``y`` in ``like``'s shape, dtype and (explicit) layout."""
+    if y.shape != like.shape:
+        y = y.reshape(like.shape)
+    return sharding.match(y.astype(like.dtype), like)
+
+
 def _spread(x: jax.Array, like: Any) -> jax.Array:
-    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide).
+    """``x`` with its rows spread over every device of ``like``'s mesh (when they divide;
+    otherwise replicated on that mesh, the layout ``update`` returns it in).
 
     SOAP's ``d x d`` factors share no axis with their parameter that would shard them the
     same way (an FSDP ``(m, n)`` kernel shards ``m`` only, so its ``n x n`` factor would be
@@ -107,8 +138,14 @@ def _spread(x: jax.Array, like: Any) -> jax.Array:
         mesh, devices = s.mesh, s.mesh.size
         place = lambda spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     if x.shape[0] % devices:
-        return x
+        return place(P())
     return place(P(tuple(mesh.axis_names)))
+
+
+def _per_axis(values: Sequence[Any], has: Sequence[bool]) -> tuple[Any, ...]:
+    """``values`` (one per axis with a factor) spread over all axes, None where ``has`` is not."""
+    it = iter(values)
+    return tuple(next(it) if h else None for h in has)
 
 
 def _has_factor(shape: Sequence[int], max_dim: int, precondition_1d: bool) -> list[bool]:
@@ -118,25 +155,32 @@ def _has_factor(shape: Sequence[int], max_dim: int, precondition_1d: bool) -> li
 
 
 def rotate(x: jax.Array, qs: Sequence[jax.Array | None], *, back: bool = False) -> jax.Array:
-    """Contracts every axis ``i`` of ``x`` with ``qs[i]`` (``x Q`` into, ``x Q^T`` back).
+    """Contracts every axis ``1 + i`` of a batch ``x`` with ``qs[i]`` (``x Q`` into, ``x Q^T``
+    back), each batch entry with its own ``Q``: ``x`` is ``(b, d_1, ..., d_k)``, ``qs[i]`` is
+    ``(b, d_i, d_i)`` or None (the axis is left as it is).
 
     A cyclic sweep: the contracted (or, without a factor, moved) axis goes last, so after all
-    axes the order is restored. 2-D: ``Q_0^T X Q_1`` (``back``: ``Q_0 X Q_1^T``).
+    axes the order is restored. 2-D entries: ``Q_0^T X Q_1`` (``back``: ``Q_0 X Q_1^T``).
     """
     hp = jax.lax.Precision.HIGHEST
     for q in qs:
         if q is None:
-            x = jnp.moveaxis(x, 0, -1)
+            x = jnp.moveaxis(x, 1, -1)
         else:
-            x = jnp.tensordot(x, q.astype(x.dtype), axes=((0,), (1 if back else 0,)), precision=hp)
+            dims = (((1,), (2 if back else 1,)), ((0,), (0,)))
+            x = jax.lax.dot_general(
+                x, q.astype(x.dtype), dims, precision=hp, preferred_element_type=x.dtype
+            )
     return x
 
 
 def gram(x: jax.Array, axis: int) -> jax.Array:
-    """``x`` contracted with itself over every axis but ``axis`` (float32 ``(d, d)``)."""
+    """Each entry of a batch ``x`` contracted with itself over every axis but ``1 + axis``
+    (float32 ``(b, d, d)``)."""
     x = x.astype(jnp.float32)
-    others = tuple(a for a in range(x.ndim) if a != axis)
-    return jnp.tensordot(x, x, axes=(others, others), precision=jax.lax.Precision.HIGHEST)
+    others = tuple(a for a in range(1, x.ndim) if a != 1 + axis)
+    dims = ((others, others), ((0,), (0,)))
+    return jax.lax.dot_general(x, x, dims, precision=jax.lax.Precision.HIGHEST)
 
 
 def _eigh_descending(gg: jax.Array) -> jax.Array:
@@ -210,6 +254,14 @@ def scale_by_soap(
         by a power of two before it is squared), so gradients up to the float32 range leave
         them and the bases finite; ``v`` is Adam's second moment and saturates at ``inf``
         above ``~1e19`` as Adam's does (those entries' updates are then 0).
+      - Tensors with the same merged shape, factored axes and dtypes are processed as one
+        stacked batch (one ``eigh``/QR call per factor axis and bucket). On a device mesh the
+        batch is laid out "owner computes" (:func:`optax_ext.kernels.bucket_apply`): each
+        device rotates, refreshes and re-rotates the tensors it holds whole, with no per-matrix
+        collective; gradient, moments, factors, bases and exponents cost one all-to-all each
+        way per stacked array (the exponents one all-gather back), and every output returns
+        to its input's layout. Tensors without a factor (1-D ones by default) are plain Adam in
+        their own layout.
       - On CPU the eigendecompositions and QR steps run one matrix per LAPACK call (see
         :mod:`optax_ext.kernels.lapack`: batched calls can deadlock XLA's CPU runtime).
 
@@ -251,120 +303,122 @@ def scale_by_soap(
             gg_exponent=treedef.unflatten(ge),
         )
 
-    def hook(index, axis, count, basis):
-        return basis if basis_hook is None else basis_hook(index, axis, count, basis)
+    def step(static, count, g, m, v, *stats):
+        """One bucket of same-signature tensors, stacked on a leading axis ``b``.
 
-    def update_fn(updates, state, params=None):
-        del params
-        pairs, treedef = leaves_with_path(updates)
-        active = [i for i, (_, g) in enumerate(pairs) if not is_masked(g)]
-        flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
-        gs = [pairs[i][1] for i in active]
-        mshapes = [factors(jnp.shape(g))[0] for g in gs]
-        ms = [flat(state.mu)[i].reshape(s) for i, s in zip(active, mshapes)]
-        vs = [flat(state.nu)[i].reshape(s) for i, s in zip(active, mshapes)]
-        ggs = [list(flat(state.gg)[i]) for i in active]
-        qs = [list(flat(state.q)[i]) for i in active]
-        shapes = [factors(jnp.shape(g)) for g in gs]
-        gms = [g.reshape(s) for g, (s, _) in zip(gs, shapes)]
-        count = state.count
-        t = count.astype(jnp.float32)  # real updates including this one, from call 2 on
-
-        ges = [list(flat(state.gg_exponent)[i]) for i in active]
+        ``static`` is ``(has, index)``: which axes have a factor, and the leaf index when a
+        ``basis_hook`` needs it (then the bucket holds that leaf alone). ``stats``: the ``k``
+        factors, the ``k`` bases, and the exponents as one ``(b, k)`` array (none without a
+        factor). Returns the update, ``m``, ``v`` and the new ``stats``, in that order.
+        """
+        has, index = static
+        k = len(stats) // 2
+        gg, q = list(stats[:k]), list(stats[k : 2 * k])
+        ge = [stats[2 * k][:, j] for j in range(k)]
+        axes = [a for a, h in enumerate(has) if h]
+        tensor_axes = tuple(range(1, g.ndim))
 
         # Statistics with this step's gradient (used after the step, so G never preconditions
         # itself). On the first call GG starts at 0 so the EMA gives (1 - bs) G G^T. Kept as
         # value * 2**exponent: the gradient is scaled by a power of two before it is squared.
-        new_gg, new_ge = [], []
-        for g, gg, ge, (_, has) in zip(gms, ggs, ges, shapes):
-            eg = scaled.safe_exponent(g)
-            gs = scaled.scale_down(g, eg)
-            pairs_a = [
-                scaled.ema(f, e, gram(gs, a), 2 * eg, bs) if h else (f, e)
-                for a, (f, e, h) in enumerate(zip(gg, ge, has))
-            ]
-            new_gg.append([p[0] for p in pairs_a])
-            new_ge.append([p[1] for p in pairs_a])
+        eg = scaled.safe_exponent(g, axes=tensor_axes)
+        gs = scaled.scale_down(g, eg)
+        pairs = [scaled.ema(f, e, gram(gs, a), 2 * eg, bs) for a, f, e in zip(axes, gg, ge)]
+        gg, ge = [f for f, _ in pairs], [e for _, e in pairs]
+
+        def hooked(a, basis):
+            if basis_hook is None:
+                return basis
+            return basis.at[0].set(basis_hook(index, a, count, basis[0]).astype(basis.dtype))
 
         def first_call():
-            items, where = [], []
-            for k, (gg, (_, has)) in enumerate(zip(new_gg, shapes)):
-                for a, h in enumerate(has):
-                    if h:
-                        items.append((gg[a][None],))
-                        where.append((k, a))
-            bases = bucket_apply(_eigh_descending, items)
-            out_q = [list(q) for q in qs]
-            for (k, a), b in zip(where, bases):
-                out_q[k][a] = hook(active[k], a, count, b[0].astype(qs[k][a].dtype))
-            zeros = [jnp.zeros_like(g) for g in gms]
-            return zeros, ms, vs, out_q
+            eigh = [_eigh_descending(f).astype(qi.dtype) for f, qi in zip(gg, q)]
+            return jnp.zeros_like(g), m, v, [hooked(a, b) for a, b in zip(axes, eigh)]
 
         def later_call():
-            out, new_m, new_v, new_q = [], [], [], []
+            t = count.astype(jnp.float32)  # real updates including this one, from call 2 on
             bc = jnp.sqrt(1 - b2**t) / (1 - b1**t)
             refresh = (count % jnp.maximum(jnp.asarray(precondition_frequency), 1)) == 0
-            for g, m, v, q, (_, has) in zip(gms, ms, vs, qs, shapes):
-                qq = [qi if h else None for qi, h in zip(q, has)]
-                gt = rotate(g, qq)
-                m = (b1 * m + (1 - b1) * gt).astype(m.dtype)
-                v = (b2 * v + (1 - b2) * jnp.square(gt)).astype(v.dtype)
-                n = rotate(m / (jnp.sqrt(v) + eps), qq, back=True)
-                if normalize_grads:
-                    n = n / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(n))))
-                out.append((n * bc).astype(g.dtype))
-                new_m.append(m)
-                new_v.append(v)
-                new_q.append(q)
+            gt = rotate(g, _per_axis(q, has))
+            new_m = (b1 * m + (1 - b1) * gt).astype(m.dtype)
+            new_v = (b2 * v + (1 - b2) * jnp.square(gt)).astype(v.dtype)
+            n = rotate(new_m / (jnp.sqrt(new_v) + eps), _per_axis(q, has), back=True)
+            if normalize_grads:
+                rms = jnp.sqrt(jnp.mean(jnp.square(n), axis=tensor_axes, keepdims=True))
+                n = n / (1e-30 + rms)
+            out = (n * bc).astype(g.dtype)
 
             def do_refresh():
-                items, where = [], []
-                for k, (gg, q, (_, has)) in enumerate(zip(new_gg, new_q, shapes)):
-                    for a, h in enumerate(has):
-                        if h:
-                            items.append((gg[a][None], q[a][None].astype(jnp.float32)))
-                            where.append((k, a))
-                results = bucket_apply(_power_qr, items)
-                ms2, vs2 = list(new_m), list(new_v)
-                qs2 = [list(q) for q in new_q]
-                m_orig = [
-                    rotate(m, [qi if h else None for qi, h in zip(q, has)], back=True)
-                    for m, q, (_, has) in zip(new_m, new_q, shapes)
-                ]
-                for (k, a), (qn, perm) in zip(where, results):
-                    vs2[k] = jnp.take(vs2[k], perm[0], axis=a)
-                    qs2[k][a] = hook(active[k], a, count, qn[0].astype(new_q[k][a].dtype))
-                for k, (_, has) in enumerate(shapes):
-                    qq = [qi if h else None for qi, h in zip(qs2[k], has)]
-                    ms2[k] = rotate(m_orig[k], qq).astype(new_m[k].dtype)
-                return ms2, vs2, qs2
+                m_orig = rotate(new_m, _per_axis(q, has), back=True)
+                vs, bases = new_v, []
+                for a, f, qi in zip(axes, gg, q):
+                    qn, perm = _power_qr(f, qi.astype(jnp.float32))
+                    vs = jax.vmap(lambda x, p, a=a: jnp.take(x, p, axis=a))(vs, perm)
+                    bases.append(hooked(a, qn.astype(qi.dtype)))
+                return rotate(m_orig, _per_axis(bases, has)).astype(new_m.dtype), vs, bases
 
-            def keep():
-                return new_m, new_v, [list(q) for q in new_q]
+            return out, *jax.lax.cond(refresh, do_refresh, lambda: (new_m, new_v, q))
 
-            new_m, new_v, new_q = jax.lax.cond(refresh, do_refresh, keep)
-            return out, new_m, new_v, new_q
+        out, m, v, q = jax.lax.cond(count == 0, first_call, later_call)
+        return out, m, v, *gg, *q, *([jnp.stack(ge, axis=1)] if k else [])
 
-        out, new_m, new_v, new_q = jax.lax.cond(count == 0, first_call, later_call)
+    def update_fn(updates, state, params=None):
+        del params
+        pairs, treedef = leaves_with_path(updates)
+        flat = treedef.flatten_up_to
+        mus, nus, ggs, qs, ges = map(
+            flat, (state.mu, state.nu, state.gg, state.q, state.gg_exponent)
+        )
+        count = state.count
+        kernel = lambda static, *arrays: step(static, count, *arrays)  # noqa: E731
+        present = lambda xs: [x for x in xs if x is not None]  # noqa: E731
 
-        def rebuild(values, like_tree, cast=None):
-            flat_like = list(flat(like_tree))
-            for k, i in enumerate(active):
-                val = values[k]
-                flat_like[i] = val if cast is None else cast(val, flat_like[i])
-            return treedef.unflatten(flat_like)
+        # Same-signature tensors (merged shape, axes with a factor, dtypes) run as one stacked
+        # batch, laid out "owner computes" on a mesh: each device rotates, refreshes and
+        # re-rotates the tensors it holds whole; every output goes back to its input's layout.
+        items, statics, where, done = [], [], [], {}
+        for i, (_, g) in enumerate(pairs):
+            if is_masked(g):
+                continue
+            mshape, has = factors(jnp.shape(g))
+            arrays = [_merged(x, mshape)[None] for x in (g, mus[i], nus[i])]
+            static = (tuple(has), i if basis_hook is not None else None)
+            if not any(has):  # Adam (no factor): elementwise, in the leaf's own layout
+                done[i] = kernel(static, *arrays)
+                continue
+            arrays += [x[None] for x in present(ggs[i]) + present(qs[i])]
+            arrays.append(jnp.stack(present(ges[i]))[None])
+            items.append(tuple(arrays))
+            statics.append(static)
+            where.append(i)
+        width = max(map(len, items), default=0)
+        done.update(zip(where, bucket_apply(kernel, items, static=statics, out_like=range(width))))
 
-        reshape_as = lambda val, like: val.reshape(like.shape).astype(like.dtype)  # noqa: E731
-        return rebuild(out, updates, reshape_as), ScaleBySoapState(
+        new_u, new_m, new_v = flat(updates), list(mus), list(nus)
+        new_gg, new_q, new_ge = list(ggs), list(qs), list(ges)
+        for i, (u, m, v, *stats) in done.items():
+            new_u[i] = _unmerged(u[0], pairs[i][1])
+            new_m[i] = _unmerged(m[0], mus[i])
+            new_v[i] = _unmerged(v[0], nus[i])
+            if stats:
+                k, has = len(stats) // 2, [x is not None for x in ggs[i]]
+                new_gg[i] = _per_axis([x[0] for x in stats[:k]], has)
+                new_q[i] = _per_axis([x[0] for x in stats[k : 2 * k]], has)
+                new_ge[i] = _per_axis([stats[2 * k][0, j] for j in range(k)], has)
+        new_state = ScaleBySoapState(
             count=optax.safe_increment(count),
-            mu=rebuild(new_m, state.mu, reshape_as),
-            nu=rebuild(new_v, state.nu, reshape_as),
-            gg=rebuild([tuple(g) for g in new_gg], state.gg),
-            q=rebuild([tuple(q) for q in new_q], state.q),
-            gg_exponent=rebuild([tuple(e) for e in new_ge], state.gg_exponent),
+            mu=treedef.unflatten(new_m),
+            nu=treedef.unflatten(new_v),
+            gg=treedef.unflatten(new_gg),
+            q=treedef.unflatten(new_q),
+            gg_exponent=treedef.unflatten(new_ge),
+        )
+        return (
+            sharding.keep_layout(treedef.unflatten(new_u), updates),
+            sharding.keep_layout(new_state, state),
         )
 
-    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,8 +491,12 @@ def scale_by_cosmos(
         O = NS5(U - U P P^T);   O <- sqrt(mn) O / (||O|| + eps)
         D = A + gamma O;   u = sqrt(mn) D / (||D|| + eps)
 
-    Same-shaped matrices are processed together, one batched call per shape (and laid out
-    "owner computes" on a device mesh, see :func:`optax_ext.kernels.bucket_apply`).
+    Same-shaped matrices are processed together, one batched call per shape, laid out "owner
+    computes" on a device mesh (see :func:`optax_ext.kernels.bucket_apply`): each device
+    updates the basis, Gram matrix and second moment of the matrices it holds whole, and each
+    of them goes back to its storage layout, which follows the parameter where the axes agree
+    (``sharding.align`` with ``spread``: a row-sharded ``(fan_in, fan_out)`` kernel keeps its
+    ``basis`` row-sharded and spreads ``nu`` and ``gram`` over their largest divisible axis).
 
     Args:
       b1, b2, eps: Defaults 0.9, 0.999, 1e-8 (class; README: 0.95, 0.95).
@@ -494,9 +552,9 @@ def scale_by_cosmos(
         return ScaleByCosmosState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
-            nu=leaves.stored(nu, params),
-            basis=leaves.stored(basis, params),
-            gram=leaves.stored(gram, params),
+            nu=leaves.stored(nu, params, spread=True),
+            basis=leaves.stored(basis, params, spread=True),
+            gram=leaves.stored(gram, params, spread=True),
             gram_exponent=leaves.stored(expo, params),
         )
 
@@ -563,17 +621,23 @@ def scale_by_cosmos(
                 leaves.unstored(state.gram_exponent),
             )
         )
-        outs, nus, bases, grams, expos = zip(*bucket_apply(step, items)) if items else [()] * 5
-        return leaves.restore(list(outs), like=updates), ScaleByCosmosState(
+        # each output back in the layout of the input it replaces (owner computes on a mesh)
+        outs = bucket_apply(step, items, out_like=(0, 2, 3, 4, 5))
+        outs, nus, bases, grams, expos = zip(*outs) if items else [()] * 5
+        new_state = ScaleByCosmosState(
             count=count,
             mu=mu,
-            nu=leaves.stored(list(nus), like=updates),
-            basis=leaves.stored(list(bases), like=updates),
-            gram=leaves.stored(list(grams), like=updates),
+            nu=leaves.stored(list(nus), like=updates, spread=True),
+            basis=leaves.stored(list(bases), like=updates, spread=True),
+            gram=leaves.stored(list(grams), like=updates, spread=True),
             gram_exponent=leaves.stored(list(expos), like=updates),
         )
+        return (
+            sharding.keep_layout(leaves.restore(list(outs), like=updates), updates),
+            sharding.keep_layout(new_state, state),
+        )
 
-    return with_boxes(sharding.gathered(optax.GradientTransformation(init_fn, update_fn)))
+    return with_boxes(optax.GradientTransformation(init_fn, update_fn))
 
 
 class ScaleByCosmosAdamState(NamedTuple):

@@ -5,8 +5,6 @@ divisible by 8, over an 8-device ``data`` axis; vectors replicated). Per-device 
 compared with the ideal, total state bytes / 8: ``init`` on the placed parameters, and the state
 that a jitted step returns (without pinned ``out_shardings``: it must come back in the layout it
 went in, so pinning it to the shardings ``init`` returned compiles the same program).
-SOAP and COSMOS keep replicated preconditioner factors (see docs/DISTRIBUTED.md) and are not
-covered here.
 """
 
 import math
@@ -24,13 +22,14 @@ from experiments.memory import per_device_nbytes
 BY_NAME = {e.name: e for e in RECIPES}
 KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 LIMIT = 1.3  # per-device state / (total state / 8)
-EXCLUDED = ("soap", "cosmos")  # owner-sharded preconditioner factors: not covered here
-NAMES = [n for n in BY_NAME if not n.startswith(EXCLUDED)]
+NAMES = list(BY_NAME)
 # One jitted step per kind of state layout (CI time): full-size moments (Muon, NorMuon's
 # neuron statistics, ROOT, spike clipping), low-rank projections (SVD and random bases, Fira's
-# residual and limiter, APOLLO's norm ratio, Conda's rotated moments), block quantization.
+# residual and limiter, APOLLO's norm ratio, Conda's rotated moments), block quantization,
+# SOAP's spread Gram factors and eigenbases (refreshed at the third call), COSMOS's basis,
+# projected Gram matrix and second moment.
 STEPPED = ["muon", "normuon", "root", "galore", "fira", "apollo", "apollo_mini", "conda",
-           "spam", "adamw_8bit(min_size=0)"]
+           "spam", "adamw_8bit(min_size=0)", "soap", "cosmos"]
 SHAPES = {
     "wte": {"embedding": (256, 32)},
     "blocks": {
@@ -95,7 +94,7 @@ def test_update_returns_state_in_the_layout_it_received(name, kind):
     before = state
     with jax.set_mesh(mesh):
         f = jax.jit(step)
-        for t in range(3):  # past a basis refresh (every 3 steps in the registry)
+        for t in range(3):  # past a basis refresh (every 3 steps in the registry; SOAP: call 3)
             params, state = f(params, state, jnp.float32(t))
     assert _same_layout(state, before)
     assert ratio(state) <= LIMIT, (name, kind, ratio(state))
