@@ -105,6 +105,14 @@ def from_owner_layout(y: jax.Array, total: int, like: jax.Array, mesh=None) -> j
     return y
 
 
+def replicated_part(x: jax.Array, mesh) -> jax.Array:
+    """``x`` pinned replicated under an automatic-axis ``mesh`` (a no-op under explicit axes,
+    where the type already says so)."""
+    if mesh is None or _explicit(mesh):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
 def replicate(x: jax.Array) -> jax.Array:
     """``x`` gathered onto every device (explicit meshes only; a no-op elsewhere)."""
     mesh = mesh_of(x)

@@ -142,6 +142,11 @@ def _project_and_run_inner(updates, state, params, inner, projector, specs, who,
     low = bucket_apply(
         lambda axis, x, q: project(x, q, axis=axis), list(zip(mats, basis)), static=axes
     )
+    # Replicated, as bucket_apply returns it, and pinned so per item: under automatic axes the
+    # partitioner would otherwise give it the layout of the spread low-rank moments it meets
+    # next, and a later pass that restacks it (APOLLO's norm ratio) would exchange it again.
+    mesh = sharding.mesh_of(mats[0]) if mats else None
+    low = [sharding.replicated_part(x, mesh) for x in low]
     low_updates, inner_state = inner.update(
         leaves.stored(low, like=updates, spread=True), state.inner_state, None, **extra_args
     )
