@@ -25,10 +25,33 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "optax_ext"))
 
 
+# The longest tests (each a subprocess with 8 fake devices, or several processes), longest
+# first: pytest-xdist hands out work in collection order, so starting them first keeps both
+# workers busy to the end instead of leaving one of them running a long check alone.
+LONGEST_FIRST = (
+    "check_recipes.py",
+    "check_foreign.py",
+    "check_state_layout.py",
+    "test_multihost.py",
+    "check_sharding.py",
+    "check_train_mesh.py",
+    "check_soap_cosmos.py",
+    "check_onebit_adam.py",
+)
+
+
+def _rank(item) -> int:
+    for i, fragment in enumerate(LONGEST_FIRST):
+        if fragment in item.nodeid:
+            return i
+    return len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``--dist loadgroup``), keep every check of one recipe on one worker
-    so its compiled steps are shared."""
+    so its compiled steps are shared, and start the longest tests first."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "name" in params and item.module.__name__.endswith("test_conventions"):
             item.add_marker(pytest.mark.xdist_group(params["name"]))
+    items.sort(key=_rank)  # stable: the rest keep their order

@@ -113,7 +113,7 @@ def _rows_and_level(draw):
     return x.reshape(rows, n), level
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(case=_rows_and_level())
 def test_abs_quantile_equals_numpy_bit_for_bit(case):
     """The sort-free quantile of clip_by_quantile is numpy.quantile (linear) exactly, ties,
