@@ -148,7 +148,8 @@ def aligned_spec(
       like_shape: the parameter's shape.
       like_spec: the parameter's ``PartitionSpec``.
       axis_sizes: mesh axis name -> size.
-      spread: place the unused mesh axes too. Default False.
+      spread: place the unused mesh axes too (on an unsharded axis they divide, else joined
+        to a sharded axis that the combined axes divide). Default False.
 
     Returns:
       A ``PartitionSpec`` for ``shape``.
@@ -164,6 +165,13 @@ def aligned_spec(
         if open_axes:
             i = max(open_axes, key=lambda i: (shape[i], -i))
             want[i] = free[0] if len(free) == 1 else free
+        else:  # no unsharded axis they divide (a rank below the device count): join a sharded
+            # axis they divide together with its own mesh axes, e.g. n over ("model", "data")
+            joint = [i for i, s in enumerate(want) if s is not None
+                     and shape[i] % (size * math.prod(axis_sizes[n] for n in names(s))) == 0]
+            if joint:
+                i = max(joint, key=lambda i: (shape[i], -i))
+                want[i] = names(want[i]) + free
     return P(*want)
 
 
