@@ -4,8 +4,8 @@ Matrix kernels (Newton-Schulz, SVD, projections) contract over both axes of ever
 parameter is sharded over a mesh (FSDP rows, tensor-parallel columns), running them on the
 sharded layout costs a collective per matmul. Instead, :func:`to_owner_layout` spreads the stacked
 batch of whole matrices over all devices, and :func:`from_owner_layout` puts the result back:
-one all-to-all each way per stacked array of a bucket of same-shaped matrices. Works with explicit-axis meshes
-(sharding in types: ``jax.sharding.reshard``) and automatic ones (GSPMD:
+one all-to-all each way per stacked array of a bucket of same-shaped matrices. Works with
+explicit-axis meshes (sharding in types: ``jax.sharding.reshard``) and automatic ones (GSPMD:
 ``with_sharding_constraint``); inside ``shard_map`` (manual axes) arrays are local and nothing
 changes.
 """
@@ -43,6 +43,14 @@ def _constrain(x: jax.Array, mesh, spec: P) -> jax.Array:
     if _explicit(mesh):
         return jax.sharding.reshard(x, NamedSharding(mesh, spec))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def reshape(x: jax.Array, shape, mesh, spec: P) -> jax.Array:
+    """``x`` reshaped to ``shape`` and laid out as ``spec`` on ``mesh`` (explicit axes: in the
+    type, as a reshape of a sharded axis requires; automatic axes: a sharding constraint)."""
+    if _explicit(mesh):
+        return jax.lax.reshape(x, shape, out_sharding=NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x.reshape(shape), NamedSharding(mesh, spec))
 
 
 def match(x: jax.Array, like: jax.Array) -> jax.Array:

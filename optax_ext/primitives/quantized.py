@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_ext._boxes import with_boxes
@@ -74,13 +73,6 @@ def _row_sharding(x: jax.Array, block_size: int):
     if x.shape[0] % devices or (x.size // devices) % block_size:
         return None
     return mesh, spec[0]
-
-
-def _reshape(x: jax.Array, shape, mesh, spec: P) -> jax.Array:
-    """``x`` reshaped to ``shape`` and laid out as ``spec`` (explicit axes: in the type)."""
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.lax.reshape(x, shape, out_sharding=NamedSharding(mesh, spec))
-    return jax.lax.with_sharding_constraint(x.reshape(shape), NamedSharding(mesh, spec))
 
 
 def quantize_state(
@@ -184,9 +176,9 @@ def quantize_state(
         rows = _row_sharding(x, bs)
         if rows is not None:  # FSDP: each device quantizes its own blocks, absmax sharded too
             mesh, axes = rows
-            blocks = _reshape(x, (x.size // bs, bs), mesh, P(axes, None))
+            blocks = sharding.reshape(x, (x.size // bs, bs), mesh, P(axes, None))
             codes, absmax = quantize_blocks(blocks, maps[name], sign_fix=sign_fix)
-            codes = _reshape(codes, x.shape, mesh, P(axes, *([None] * (x.ndim - 1))))
+            codes = sharding.reshape(codes, x.shape, mesh, P(axes, *([None] * (x.ndim - 1))))
             return QuantizedArray(codes, absmax)
         # Other layouts: blocks run over the flattened tensor, so on an explicit-axis mesh it is
         # gathered first (one all-gather per leaf); the codes keep the statistic's own layout.
@@ -200,9 +192,10 @@ def quantize_state(
         rows = _row_sharding(q.codes, bs)
         if rows is not None:
             mesh, axes = rows
-            codes = _reshape(q.codes, (q.codes.size // bs, bs), mesh, P(axes, None))
+            codes = sharding.reshape(q.codes, (q.codes.size // bs, bs), mesh, P(axes, None))
             vals = dequantize_blocks(codes, q.absmax, maps[name])
-            return _reshape(vals, q.codes.shape, mesh, P(axes, *([None] * (q.codes.ndim - 1))))
+            layout = P(axes, *([None] * (q.codes.ndim - 1)))  # the statistic's own
+            return sharding.reshape(vals, q.codes.shape, mesh, layout)
         codes = sharding.replicate(q.codes)
         return dequantize_blockwise(codes, q.absmax, maps[name], block_size=bs)
 

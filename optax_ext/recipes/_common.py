@@ -8,7 +8,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.experimental.shard_alike import shard_alike
 
 from optax_ext import labels

@@ -136,10 +136,11 @@ def _state_leaves_like_params(state, params):
 
 
 # Every entry (but the COVERED variants below) under explicit axes (where layouts are part of
-# the types, so every kernel must keep them consistent). Under automatic axes the partitioner places the computation and the
-# numerics are what can differ: one recipe per kind of kernel (Newton-Schulz, SVD and random
-# projections, eigenbases, online PCA, block quantization, radial projection, Hessian
-# statistic, spike clipping, spectral constraints, 1-bit error feedback), to keep CI time.
+# the types, so every kernel must keep them consistent). Under automatic axes the partitioner
+# places the computation and the numerics are what can differ: one recipe per kind of kernel
+# (Newton-Schulz, SVD and random projections, eigenbases, online PCA, block quantization,
+# radial projection, Hessian statistic, spike clipping, spectral constraints, 1-bit error
+# feedback), to keep CI time.
 AUTO = ["muon", "root", "auon", "conda", "galore", "apollo_mini", "soap", "cosmos", "spam",
         "adamp", "sophia", "adamw_8bit(min_size=0)", "onebit_adam", "lipschitz_muon"]
 # Registry variants whose kernels and layouts another entry already runs here (CI time):
