@@ -47,11 +47,45 @@ def _rank(item) -> int:
     return len(LONGEST_FIRST)
 
 
+# Modules whose checks of one recipe share compiled steps (functools.cache per process).
+GROUPED = ("test_conventions.py", "test_bad_input.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under ``--dist loadgroup``: the checks of one recipe
+    in a GROUPED module form one unit (one worker, one compilation of its steps); every other
+    test is a unit of its own.
+
+    Derived from the node id alone, on the controller: xdist's own ``xdist_group`` marks reach
+    the scheduler by a suffix written into the worker's node ids, which pytest 9.2 no longer
+    carries (pytest-xdist issue 1386), and the tests were then spread one by one.
+    """
+    path, _, test = nodeid.partition("::")
+    if path.endswith(GROUPED) and test.endswith("]") and "[" in test:
+        return f"{path}[{test[test.index('[') + 1:-1]}]"
+    return nodeid
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``), keep every check of one recipe on one worker
-    so its compiled steps are shared, and start the longest tests first."""
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "name" in params and item.module.__name__.endswith("test_conventions"):
-            item.add_marker(pytest.mark.xdist_group(params["name"]))
+    """Start the longest tests first (xdist hands out units in collection order)."""
     items.sort(key=_rank)  # stable: the rest keep their order
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is a test extra; without it the suite runs in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class RecipeScheduling(LoadScopeScheduling):
+        """xdist's scope scheduling with :func:`work_unit` as the scope, in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
+        return RecipeScheduling(config, log)

@@ -64,7 +64,6 @@ def _losses(out) -> list[float]:
     return [json.loads(line)["train_loss"] for line in lines if line]
 
 
-@pytest.mark.xdist_group("multihost")
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     (one,) = _launch([[*FLAGS, "--out", str(tmp_path / "one")]], devices=8)
     _hosts(tmp_path / "two", "--stop-after", "2")  # both processes write checkpoint 2
