@@ -16,7 +16,6 @@ experiments.add_xla_flag("xla_backend_optimization_level", "0")
 experiments.add_xla_flag("xla_cpu_use_fusion_emitters", "false")
 
 import hypothesis  # noqa: E402
-import pytest  # noqa: E402
 
 # Few examples over few sizes: every new shape is a new XLA compilation.
 hypothesis.settings.register_profile(

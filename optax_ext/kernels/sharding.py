@@ -21,6 +21,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+
 def mesh_of(x: jax.Array):
     """The (abstract) mesh of ``x``'s sharding if it spans more than one device, else None."""
     try:

@@ -16,8 +16,8 @@ from optax_ext._types import is_masked, leaf_error
 from optax_ext.kernels import sharding
 from optax_ext.kernels.quantize import (
     BlockQuantizer,
-    dequantize_blockwise,
     dequantize_blocks,
+    dequantize_blockwise,
     quantize_blocks,
     quantize_blockwise,
 )

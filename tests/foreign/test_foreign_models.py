@@ -1,15 +1,14 @@
 """Every registry recipe on models written the way external Flax trainers write them
-(tests/foreign/flax_models.py): boxed params, state partition specs, construction inside jit,
-the matrix view of N-D kernels, and training under the model's own optax chain.
+(tests/foreign/flax_models.py): boxed params, state partition specs and the matrix view of N-D
+kernels. The trainer's own chain (clipping, one schedule, MultiSteps) around every recipe, built
+inside ``jit`` and trained on the linen LM, runs sharded on 8 devices with shardings derived
+from this metadata: tests/multidevice/check_foreign.py, which imports ``model_chain`` from here.
 
-Compiled work is shared: one gradient function per model, one optimizer step per recipe (the
-step that trains is also the one that builds the optimizer inside ``jit``); the state-spec
-checks only trace (``jax.eval_shape``).
+The state-spec checks only trace (``jax.eval_shape``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -19,20 +18,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from registry import RECIPES, Entry
-
 from foreign.flax_models import (
     LOGICAL_RULES,
     ConvNet,
     LinenLM,
     NnxMLP,
-    conv_batch,
-    conv_loss,
-    lm_batch,
-    lm_loss,
 )
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from registry import RECIPES, Entry
+
 from optax_ext import MatrixSpec
 from optax_ext._boxes import is_box, mismatched_names, rebox_like, unbox
 from optax_ext.labels import path_names
@@ -111,7 +106,7 @@ def test_state_metadata_gives_valid_partition_specs(name, model):
     assert check_shardings(state_shardings(model, state), state) > 0
 
 
-# --- 2 and 3. built inside jit, trained under the model's own chain ------------------------------
+# --- 2. the trainer's chain (run by tests/multidevice/check_foreign.py) -------------------------
 
 STEPS = 24  # micro-steps; optax.MultiSteps(every_k_schedule=2) applies 12 updates
 
@@ -125,62 +120,12 @@ def model_chain(entry: Entry) -> optax.GradientTransformation:
     return optax.MultiSteps(inner, every_k_schedule=2)
 
 
-@functools.cache
-def grad_fn(model: str):
-    if model == "linen_lm":
-        m, batch, loss = LinenLM(), lm_batch(), lm_loss
-    else:
-        m, batch, loss = ConvNet(), conv_batch(), conv_loss
-    return jax.jit(jax.value_and_grad(lambda p: loss(m, p, batch)))
-
-
 # Settings that the registry's generic small-problem kwargs get wrong for a 12-update run with
 # a warm-up from 0. 1-bit Adam freezes its variance at ``freeze_step`` and compresses from there
 # on; its paper freezes once the variance is stable, after the warm-up. Frozen at update 3 (inside
 # the warm-up, 3 gradients seen) the compressed phase oscillates here (loss 2.8 -> 30 -> 3.5);
 # frozen at update 6 it trains to 0.10 (AdamW-like recipes: 0.1-0.5).
 FOREIGN_KWARGS = {"onebit_adam": {"freeze_step": 6}}
-
-
-def train(name: str, model: str):
-    """Losses and final state of STEPS micro-steps, the optimizer built inside each jit."""
-    entry = BY_NAME[name]
-    entry = dataclasses.replace(entry, kwargs={**entry.kwargs, **FOREIGN_KWARGS.get(name, {})})
-    extra = entry.extra_args or (lambda step, params, grads: {})
-
-    @jax.jit
-    def init(params):
-        return model_chain(entry).init(params)
-
-    @jax.jit
-    def step(params, state, grads):
-        updates, state = model_chain(entry).update(grads, state, params, **extra(0, params, grads))
-        return optax.apply_updates(params, updates), state
-
-    params = boxed_params(model)
-    state = init(params)
-    losses = []
-    for _ in range(STEPS):
-        loss, grads = grad_fn(model)(params)
-        losses.append(loss)
-        params, state = step(params, state, grads)
-    return np.asarray(losses), params, state
-
-
-@pytest.mark.parametrize("name", IDS)
-def test_builds_inside_jit_and_trains_the_linen_lm(name):
-    losses, params, state = train(name, "linen_lm")
-    assert np.isfinite(losses).all(), losses
-    # a learnable task from a uniform start (log 32 = 3.47): every recipe goes down (the
-    # slowest at the registry's learning rates, AdaBelief/AdaHessian/Polar-Express Muon, by
-    # 0.03-0.04 in 24 micro-steps)
-    assert losses[-4:].mean() < losses[:2].mean() - 0.02, losses
-    # params keep their boxes; the trained state's metadata still gives valid shardings
-    assert jax.tree.structure(params, is_leaf=is_box) == jax.tree.structure(
-        boxed_params("linen_lm"), is_leaf=is_box
-    )
-    assert mismatched_names(state) == []
-    assert check_shardings(state_shardings("linen_lm", state), state) > 0
 
 
 # --- 3. the matrix view of N-D kernels ----------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Foreign linen LM on 8 fake devices, every registry recipe: the jitted init and update take
-their in/out shardings from the metadata (``nn.get_partition_spec`` + logical rules) of the
-params and of the optimizer state, as an external trainer does.
+"""Foreign linen LM on 8 fake devices, every registry recipe, as an external trainer runs it: the
+optimizer is built inside the jitted init and update (the trainer's clip + warm-up/cosine
+schedule + MultiSteps chain), whose in/out shardings come from the metadata
+(``nn.get_partition_spec`` + logical rules) of the params and of the optimizer state; the run
+learns, the params keep their boxes and every leaf the layout its metadata gives.
 
 The model's gradient step is compiled once (its shardings are the params'); each recipe compiles
-only its own init and update (under the trainer's clip + schedule + MultiSteps chain), so every
-recipe fits in CI time."""
+only its own init and update, so every recipe fits in CI time. (tests/foreign/ checks the
+metadata of every recipe's state on the single-device models.)"""
 
 import dataclasses
 import functools
@@ -14,16 +16,15 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from foreign.flax_models import LOGICAL_RULES, LinenLM, lm_batch, lm_loss
+from foreign.test_foreign_models import FOREIGN_KWARGS, STEPS, model_chain
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from registry import RECIPES
 
-from foreign.flax_models import LOGICAL_RULES, LinenLM, lm_batch, lm_loss
-from foreign.test_foreign_models import FOREIGN_KWARGS, model_chain
-from optax_ext._boxes import mismatched_names, unbox
+from optax_ext._boxes import is_box, mismatched_names, unbox
 
 BY_NAME = {e.name: e for e in RECIPES}
-MICRO_STEPS = 12  # six applied updates under MultiSteps(every_k_schedule=2)
 
 
 def shardings(tree, mesh):
@@ -69,13 +70,20 @@ def test_train_step_with_shardings_from_metadata(name):
 
     update = jax.jit(update, in_shardings=(param_sh, state_sh, param_sh),
                      out_shardings=(param_sh, state_sh))
+    boxes = jax.tree.structure(params, is_leaf=is_box)
     losses = []
-    for _ in range(MICRO_STEPS):
+    for _ in range(STEPS):  # 12 applied updates, the schedule's whole length
         loss, grads = grad(params, batch)
         params, state = update(grads, state, params)
-        losses.append(float(loss))
+        losses.append(loss)
+    losses = np.asarray(losses)
     assert np.isfinite(losses).all(), losses
-    assert losses[-1] < losses[0], losses
+    # a learnable task from a uniform start (log 32 = 3.47): every recipe goes down (the
+    # slowest at the registry's learning rates, AdaBelief/AdaHessian/Polar-Express Muon, by
+    # 0.03-0.04 in 24 micro-steps)
+    assert losses[-4:].mean() < losses[:2].mean() - 0.02, losses
+    assert jax.tree.structure(params, is_leaf=is_box) == boxes  # params keep their boxes
+    assert mismatched_names(state) == []
     # the params kept the layout their metadata gives, and so did every state leaf
     for sh, x in zip(jax.tree.leaves(param_sh), jax.tree.leaves(unbox(params))):
         assert x.sharding.is_equivalent_to(sh, x.ndim), (x.shape, x.sharding, sh)
