@@ -129,62 +129,72 @@ def test_unknown_extra_args_are_ignored(name):
     chex.assert_tree_all_finite(updates)
 
 
+@functools.cache
+def wrapped_run(name: str):
+    """The recipe as trainers wrap it, compiled once for three conventions: hyperparameters
+    injected into the state (``optax.inject_hyperparams``, no static arguments), gradients
+    accumulated over two calls (``optax.MultiSteps``) and every call under ``lax.cond``.
+
+    Returns the initial state, the ``(updates, state)`` of ``2 * (noop_calls + 1)`` calls with
+    the update taken, the state of one more call with the update not taken, and the update
+    emitted after the learning rate in the state is set to zero.
+    """
+    entry = BY_NAME[name]
+    inner = optax.inject_hyperparams(entry.factory)(**entry.kwargs)
+    tx = optax.MultiSteps(inner, every_k_schedule=2).gradient_transformation()
+    _, params, target, _ = compiled(name)
+    g = grads_at(params, target)
+
+    @jax.jit
+    def step(pred, state, extra):
+        skip = lambda s: (jax.tree.map(jnp.zeros_like, g), s)  # noqa: E731
+        return jax.lax.cond(pred, lambda s: tx.update(g, s, params, **extra), skip, state)
+
+    state0 = state = tx.init(params)
+    calls = []
+    for call in range(2 * (entry.noop_calls + 1)):
+        updates, state = step(True, state, _extra(entry, call, params, g))
+        calls.append((updates, state))
+    _, kept = step(False, state, _extra(entry, len(calls), params, g))
+    hyper = state.inner_opt_state.hyperparams
+    zero_lr = {k: (jnp.zeros_like(v) if "learning_rate" in k else v) for k, v in hyper.items()}
+    state = state._replace(inner_opt_state=state.inner_opt_state._replace(hyperparams=zero_lr))
+    for call in range(2):  # accumulate, then emit
+        emitted, state = step(True, state, _extra(entry, len(calls) + call, params, g))
+    return state0, calls, kept, emitted
+
+
 @pytest.mark.parametrize("name", IDS)
 def test_inject_hyperparams_without_static_args(name):
-    entry = BY_NAME[name]
-    tx = optax.with_extra_args_support(optax.inject_hyperparams(entry.factory)(**entry.kwargs))
-    _, params, target, _ = compiled(name)
-    state = tx.init(params)
-    assert "learning_rate" in state.hyperparams
-    g = grads_at(params, target)
-    update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
-    u, state = update(g, state, params, _extra(entry, 0, params, g))
-    chex.assert_tree_all_finite(u)
-    zero_lr = {
-        k: (jnp.zeros_like(v) if "learning_rate" in k else v) for k, v in state.hyperparams.items()
-    }
-    state = state._replace(hyperparams=zero_lr)
-    u, _ = update(g, state, params, _extra(entry, 1, params, g))
+    state0, calls, _, emitted = wrapped_run(name)
+    assert "learning_rate" in state0.inner_opt_state.hyperparams
+    for updates, _ in calls:
+        chex.assert_tree_all_finite(updates)
     # zero, up to the rounding of recipes that re-project the weights at every step (the
     # Lipschitz constraint computes s * P(W / s), the identity in exact arithmetic): at most a
     # few ulp of the parameter, against updates of ~lr at any nonzero lr
-    for leaf, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+    _, params, _, _ = compiled(name)
+    for leaf, p in zip(jax.tree.leaves(emitted), jax.tree.leaves(params)):
         ulp = np.finfo(np.float32).eps * float(np.abs(np.asarray(p, np.float32)).max(initial=0))
         np.testing.assert_allclose(np.asarray(leaf, np.float32), 0.0, rtol=0, atol=4 * ulp)
 
 
 @pytest.mark.parametrize("name", IDS)
 def test_multisteps_accumulates(name):
-    entry = BY_NAME[name]
-    tx = optax.MultiSteps(entry.factory(**entry.kwargs), every_k_schedule=2)
-    tx = tx.gradient_transformation()  # forwards extra update arguments to the recipe
-    _, params, target, _ = compiled(name)
-    state = tx.init(params)
-    update = jax.jit(lambda g, s, p, e: tx.update(g, s, p, **e))
-    g = grads_at(params, target)
-    for call in range(2 * (entry.noop_calls + 1)):
-        u, state = update(g, state, params, _extra(entry, call, params, g))
-        chex.assert_tree_all_finite(u)
-        nonzero = any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(u))
-        assert nonzero == (call % 2 == 1 and call // 2 >= entry.noop_calls)
+    noop_calls = BY_NAME[name].noop_calls
+    _, calls, _, _ = wrapped_run(name)
+    for call, (updates, _) in enumerate(calls):
+        chex.assert_tree_all_finite(updates)
+        nonzero = any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(updates))
+        assert nonzero == (call % 2 == 1 and call // 2 >= noop_calls), call
 
 
 @pytest.mark.parametrize("name", IDS)
 def test_state_survives_lax_cond(name):
-    entry = BY_NAME[name]
-    tx, params, target, _ = compiled(name)
-    g = grads_at(params, target)
-    extra = _extra(entry, 0, params, g)
-
-    @jax.jit
-    def maybe_step(pred, state):
-        return jax.lax.cond(pred, lambda s: tx.update(g, s, params, **extra)[1], lambda s: s, state)
-
-    state = tx.init(params)
-    stepped = maybe_step(True, state)
-    kept = maybe_step(False, state)
-    assert_same_structure_and_dtypes(stepped, state)
-    chex.assert_trees_all_equal(kept, state)
+    state0, calls, kept, _ = wrapped_run(name)
+    for _, state in calls:  # the update taken under lax.cond, from the first call on
+        assert_same_structure_and_dtypes(state, state0)
+    chex.assert_trees_all_equal(kept, calls[-1][1])  # and not taken: the state as it was
 
 
 @pytest.mark.parametrize("name", IDS)
