@@ -31,11 +31,8 @@ LONGEST_FIRST = (
     "check_recipes.py",
     "check_foreign.py",
     "check_state_layout.py",
+    "check_sharding.py",  # with the other short multi-device checks (tests/test_distributed.py)
     "test_multihost.py",
-    "check_sharding.py",
-    "check_train_mesh.py",
-    "check_soap_cosmos.py",
-    "check_onebit_adam.py",
 )
 
 

@@ -8,13 +8,20 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).parent
-@pytest.mark.parametrize("check", sorted(p.name for p in (HERE / "multidevice").glob("check_*.py")))
-def test_multidevice_checks_pass_on_eight_fake_cpu_devices(check):
+CHECKS = sorted(p.name for p in (HERE / "multidevice").glob("check_*.py"))
+# The three longest checks run in a process each (so both xdist workers share them); the
+# shorter ones share one process, which saves their start-up (imports, collection: ~4 s each).
+ALONE = ["check_recipes.py", "check_foreign.py", "check_state_layout.py"]
+GROUPS = [[c] for c in ALONE if c in CHECKS] + [[c for c in CHECKS if c not in ALONE]]
+
+
+@pytest.mark.parametrize("checks", GROUPS, ids="+".join)
+def test_multidevice_checks_pass_on_eight_fake_cpu_devices(checks):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
     env["JAX_PLATFORMS"] = "cpu"
-    files = [str(HERE / "multidevice" / check)]
+    files = [str(HERE / "multidevice" / check) for check in checks]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files],
         env=env,
