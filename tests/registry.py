@@ -214,3 +214,12 @@ RECIPES: list[Entry] = [
     ),
     Entry("lipschitz_muon", optax_ext.lipschitz_muon, dict(learning_rate=0.02, w_max=1.0)),
 ]
+
+# Variants whose kernels and layouts another entry already runs: Newton-Schulz coefficients only
+# (Muon); SVD bases (GaLore, Fira); below the 8-bit size threshold on the test trees, so plain
+# Adam/Lion (the min_size=0 entries quantize); an elementwise Lion; AdamP's projection with SGD
+# momentum. The sharded multi-device checks leave them out (CI time); every single-device check
+# runs them.
+KERNEL_COVERED = frozenset(
+    {"muon:polar_express", "apollo:svd", "adamw_8bit", "lion_8bit", "lion_k:huber", "sgdp"}
+)

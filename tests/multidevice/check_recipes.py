@@ -13,7 +13,7 @@ import pytest
 from helpers import quadratic_target, small_params
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from registry import RECIPES
+from registry import KERNEL_COVERED, RECIPES
 
 from optax_ext.kernels import NewtonSchulz
 from optax_ext.kernels.spectral import LIPSCHITZ_ORTHO
@@ -135,7 +135,7 @@ def _state_leaves_like_params(state, params):
             if s.ndim and s.shape in by_shape]
 
 
-# Every entry (but the COVERED variants below) under explicit axes (where layouts are part of
+# Every entry (but registry.KERNEL_COVERED) under explicit axes (where layouts are part of
 # the types, so every kernel must keep them consistent). Under automatic axes the partitioner
 # places the computation and the numerics are what can differ: one recipe per kind of kernel
 # (Newton-Schulz, SVD and random projections, eigenbases, online PCA, block quantization,
@@ -143,12 +143,7 @@ def _state_leaves_like_params(state, params):
 # feedback), to keep CI time.
 AUTO = ["muon", "root", "auon", "conda", "galore", "apollo_mini", "soap", "cosmos", "spam",
         "adamp", "sophia", "adamw_8bit(min_size=0)", "onebit_adam", "lipschitz_muon"]
-# Registry variants whose kernels and layouts another entry already runs here (CI time):
-# Newton-Schulz coefficients only; SVD bases (GaLore, Fira); below the 8-bit size threshold on
-# this tree, so plain Adam/Lion (the min_size=0 entries quantize); an elementwise Lion;
-# AdamP's projection with SGD momentum.
-COVERED = {"muon:polar_express", "apollo:svd", "adamw_8bit", "lion_8bit", "lion_k:huber", "sgdp"}
-CASES = ([(n, "explicit") for n in BY_NAME if n not in COVERED]
+CASES = ([(n, "explicit") for n in BY_NAME if n not in KERNEL_COVERED]
          + [(n, "auto") for n in AUTO])
 
 

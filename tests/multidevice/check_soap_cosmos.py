@@ -37,7 +37,8 @@ def grads(params, target, t, *, proportional):
     if proportional:
         return g
     leaves, treedef = jax.tree.flatten(g)
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(7), t.astype(jnp.int32)), len(leaves))
+    key = jax.random.fold_in(jax.random.PRNGKey(7), t.astype(jnp.int32))
+    keys = jax.random.split(key, len(leaves))
     return treedef.unflatten(
         [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
     )

@@ -107,9 +107,9 @@ def test_nd_merge_and_unrotated_axes():
     }
     for layout in (SoapLayout(max_precond_dim=16), SoapLayout(max_precond_dim=36, merge_dims=True)):
         tx = optax_ext.scale_by_soap(precondition_frequency=2, layout=layout)
-        s = tx.init(p)
+        s, update = tx.init(p), jax.jit(tx.update)
         for _ in range(4):
-            u, s = tx.update(p, s)
+            u, s = update(p, s)
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
     assert [x.shape for x in s.gg["conv"]] == [(36, 36), (8, 8)]  # (3*3*4, 8) merged
     s = optax_ext.scale_by_soap(layout=SoapLayout(max_precond_dim=16)).init(p)
@@ -119,9 +119,9 @@ def test_nd_merge_and_unrotated_axes():
 def test_zero_gradients_and_bf16():
     p = {"w": jnp.ones((4, 6), jnp.bfloat16), "b": jnp.ones(6, jnp.bfloat16)}
     tx = optax_ext.soap(precondition_frequency=2)
-    s = tx.init(p)
+    s, update = tx.init(p), jax.jit(tx.update)
     for _ in range(4):
-        u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+        u, s = update(jax.tree.map(jnp.zeros_like, p), s, p)
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(u))
     assert u["w"].dtype == jnp.bfloat16 and s[0].gg["w"][0].dtype == jnp.float32
 
