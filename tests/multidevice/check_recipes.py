@@ -90,17 +90,18 @@ def _run(entry, params, target, noise=None, step=None):
         return optax.apply_updates(params, updates), state
 
     step = _step if step is None else step
-    state = jax.jit(tx.init)(params)
+    state = state0 = jax.jit(tx.init)(params)
     for t in range(STEPS_FOR.get(entry.name, STEPS)):
         params, state = step(params, state, jnp.float32(t), noise)
-    return (params, state), step
+    return (params, state, state0), step
 
 
 @functools.cache
 def _one_device(name):
     """The one-device run (no gradient noise) and its compiled step, which takes the noise."""
     params = small_params()
-    (got, state), step = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(0))
+    (got, state, _), step = _run(BY_NAME[name], params, quadratic_target(params),
+                                 jnp.float32(0))
     return jax.device_get((got, state)), step
 
 
@@ -121,8 +122,8 @@ def sensitivity(name):
     """Largest parameter change after the reference run when the one-device gradients are
     perturbed by ``NOISE`` (relative, entry-wise): the recipe's own sensitivity to rounding."""
     params = small_params()
-    (got, _), _ = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(NOISE),
-                       step=_one_device(name)[1])
+    (got, _, _), _ = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(NOISE),
+                          step=_one_device(name)[1])
     want, _ = reference(name)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -154,7 +155,7 @@ def test_sharded_run_matches_one_device(name, kind):
     params = jax.tree.map(shard, small_params(), SPECS)
     target = jax.tree.map(shard, quadratic_target(small_params()), SPECS)
     with (jax.set_mesh if hasattr(jax, "set_mesh") else jax.sharding.use_mesh)(mesh):
-        (got, state), _ = _run(BY_NAME[name], params, target)
+        (got, state, state0), _ = _run(BY_NAME[name], params, target)
     want, want_state = reference(name)
     atol = 1e-5
     if name in ATOL:  # the recipes above known to amplify rounding: their measured sensitivity
@@ -174,6 +175,12 @@ def test_sharded_run_matches_one_device(name, kind):
         # as experiments/train.py does)
         for s, p in _state_leaves_like_params(state, got):
             assert s.sharding.is_equivalent_to(p.sharding, s.ndim), (s.shape, s.sharding, p)
+        # and every state leaf comes back from the steps in the layout init gave it (so the
+        # per-device state that check_state_layout.py measures after init holds while training)
+        for path, s, s0 in zip(jax.tree_util.tree_leaves_with_path(state),
+                               jax.tree.leaves(state), jax.tree.leaves(state0)):
+            assert s.sharding.is_equivalent_to(s0.sharding, s.ndim), (
+                jax.tree_util.keystr(path[0]), s.sharding, s0.sharding)
     del want_state
 
 
