@@ -101,7 +101,9 @@ def test_reset_under_jit_with_injected_period():
 
 _VALUES = st.one_of(
     st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 3.0]),  # ties and zeros
-    st.floats(-2.0**66, 2.0**66, width=32, allow_subnormal=False).filter(lambda v: abs(v) >= 2.0**-66),
+    st.floats(-2.0**66, 2.0**66, width=32, allow_subnormal=False).filter(
+        lambda v: abs(v) >= 2.0**-66
+    ),
 )
 
 
@@ -139,7 +141,8 @@ def test_abs_quantile_nan_rows_and_injected_level():
     rng = np.random.default_rng(0)
     jitted = jax.jit(_abs_quantile, static_argnums=1)
     for _ in range(20):
-        x = (rng.standard_normal((3, 17)) * 10.0 ** rng.uniform(-30, 10, (3, 17))).astype(np.float32)
+        normal = rng.standard_normal((3, 17))
+        x = (normal * 10.0 ** rng.uniform(-30, 10, (3, 17))).astype(np.float32)
         want = np.quantile(np.abs(x), 0.9, axis=1).astype(np.float32)
         np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(x), 0.9)), want)
     # A traced level (optax.inject_hyperparams) interpolates in float32: equal to rounding.
