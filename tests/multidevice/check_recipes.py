@@ -177,10 +177,10 @@ def test_sharded_run_matches_one_device(name, kind):
             assert s.sharding.is_equivalent_to(p.sharding, s.ndim), (s.shape, s.sharding, p)
         # and every state leaf comes back from the steps in the layout init gave it (so the
         # per-device state that check_state_layout.py measures after init holds while training)
-        for path, s, s0 in zip(jax.tree_util.tree_leaves_with_path(state),
-                               jax.tree.leaves(state), jax.tree.leaves(state0)):
+        for (path, s), s0 in zip(jax.tree_util.tree_leaves_with_path(state),
+                                 jax.tree.leaves(state0)):
             assert s.sharding.is_equivalent_to(s0.sharding, s.ndim), (
-                jax.tree_util.keystr(path[0]), s.sharding, s0.sharding)
+                jax.tree_util.keystr(path), s.sharding, s0.sharding)
     del want_state
 
 
