@@ -37,16 +37,24 @@ KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 def _grads(params, target, t, noise=None):
     """Gradients of the quadratic, perturbed per step so every step differs (and, with a
-    traced ``noise``, by that relative amount entry-wise: a fixed pattern, the same every
-    step; ``noise = 0`` gives exactly the unperturbed gradients, ``x * 1``, so the reference
-    and the sensitivity runs share one compiled step)."""
+    ``noise = (scale, pattern)`` of a traced scale, by ``scale * pattern`` relative, entry-wise:
+    a fixed pattern, the same every step; ``scale = 0`` gives exactly the unperturbed gradients,
+    ``x * 1``, so the reference and the sensitivity runs share one compiled step)."""
     g = jax.tree.map(lambda p, q: (p - q) * (1.0 + 0.1 * t), params, target)
     if noise is not None:
-        leaves, treedef = jax.tree.flatten(g)
-        keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-        g = treedef.unflatten([x * (1 + noise * jax.random.normal(k, x.shape, x.dtype))
-                               for k, x in zip(keys, leaves)])
+        scale, pattern = noise
+        g = jax.tree.map(lambda x, r: x * (1 + scale * r), g, pattern)
     return g
+
+
+@functools.cache
+def noise_pattern():
+    """The fixed standard-normal pattern of the sensitivity runs' gradient perturbation (drawn
+    once, outside the compiled steps)."""
+    leaves, treedef = jax.tree.flatten(small_params())
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
 
 
 # SOAP and COSMOS run Adam in an eigenbasis: the rank-deficient directions of this small
@@ -101,7 +109,7 @@ def _one_device(name):
     """The one-device run (no gradient noise) and its compiled step, which takes the noise."""
     params = small_params()
     (got, state, _), step = _run(BY_NAME[name], params, quadratic_target(params),
-                                 jnp.float32(0))
+                                 (jnp.float32(0), noise_pattern()))
     return jax.device_get((got, state)), step
 
 
@@ -122,8 +130,8 @@ def sensitivity(name):
     """Largest parameter change after the reference run when the one-device gradients are
     perturbed by ``NOISE`` (relative, entry-wise): the recipe's own sensitivity to rounding."""
     params = small_params()
-    (got, _, _), _ = _run(BY_NAME[name], params, quadratic_target(params), jnp.float32(NOISE),
-                          step=_one_device(name)[1])
+    (got, _, _), _ = _run(BY_NAME[name], params, quadratic_target(params),
+                          (jnp.float32(NOISE), noise_pattern()), step=_one_device(name)[1])
     want, _ = reference(name)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
