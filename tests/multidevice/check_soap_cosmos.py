@@ -27,21 +27,28 @@ def make_target(params):
     return jax.tree.map(lambda p: 0.5 * jnp.flip(p, 0), params)
 
 
-def grads(params, target, t, *, proportional):
-    """Quadratic gradients ``(p - target) (1 + 0.1 t)``. SOAP's first call only builds its
-    bases, so the first real gradient is exactly 1.1x the one the bases come from: rotated, it
-    is diagonal up to rounding and Adam's first step is the sign of that rounding noise (a
-    1e-7 perturbation moves the parameters by 1e-2, see below). ``proportional=False`` adds a
-    fixed step-dependent term so that every rotated entry is signal, not noise."""
-    g = jax.tree.map(lambda p, q: (p - q) * (1.0 + 0.1 * t), params, target)
+def grads(params, target, t, term):
+    """Quadratic gradients ``(p - target) (1 + 0.1 t)`` plus ``term``. SOAP's first call only
+    builds its bases, so the first real gradient is exactly 1.1x the one the bases come from:
+    rotated, it is diagonal up to rounding and Adam's first step is the sign of that rounding
+    noise (a 1e-7 perturbation moves the parameters by 1e-2, see below). The non-proportional
+    runs add a fixed step-dependent term (:func:`terms`) so that every rotated entry is signal,
+    not noise; the proportional ones add zeros (one compiled step serves both)."""
+    return jax.tree.map(lambda p, q, r: (p - q) * (1.0 + 0.1 * t) + r, params, target, term)
+
+
+def terms(params, *, proportional):
+    """The term added to each step's gradients: zeros, or 0.05 N(0, 1) entry-wise, a new draw
+    each step (drawn once, outside the compiled step)."""
     if proportional:
-        return g
-    leaves, treedef = jax.tree.flatten(g)
-    key = jax.random.fold_in(jax.random.PRNGKey(7), t.astype(jnp.int32))
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
+        return [jax.tree.map(jnp.zeros_like, params)] * STEPS
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for t in range(STEPS):
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(7), t), len(leaves))
+        out.append(treedef.unflatten(
+            [0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    return out
 
 
 # eps: Adam in an eigenbasis divides rotated moments by sqrt(v) + eps; coordinates whose v is
@@ -59,23 +66,25 @@ RECIPES = {
 EPS = 1e-2
 
 
-def run(name, params, target, *, proportional=False, scale=1.0, shardings=None, eps=EPS):
+def run(name, params, target, scales, *, proportional=False, eps=EPS):
+    """The parameters after ``STEPS`` steps with the gradients scaled by each of ``scales``
+    (one compiled step, the scale an argument)."""
     tx = RECIPES[name](eps)
-    state = tx.init(params)
 
-    def step(params, state, t):
-        g = grads(params, target, t, proportional=proportional)
-        g = jax.tree.map(lambda x: x * scale, g)
+    @jax.jit
+    def step(params, state, t, term, scale):
+        g = jax.tree.map(lambda x: x * scale, grads(params, target, t, term))
         updates, state = tx.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
-    out = None
-    if shardings is not None:  # as a user pins them: the layouts that init returned
-        out = (shardings, jax.tree.map(lambda x: x.sharding, state))
-    step = jax.jit(step, out_shardings=out)
-    for t in range(STEPS):
-        params, state = step(params, state, jnp.float32(t))
-    return params, state
+    added = terms(params, proportional=proportional)
+    out = []
+    for scale in scales:
+        p, state = params, tx.init(params)
+        for t in range(STEPS):
+            p, state = step(p, state, jnp.float32(t), added[t], jnp.float32(scale))
+        out.append(p)
+    return out
 
 
 def max_diff(a, b):
@@ -103,8 +112,8 @@ def test_one_device_sensitivity(name):
     moved_by = {}
     cases = [(EPS, False)] + ([(1e-8, True)] if name == "soap" else [])
     for eps, proportional in cases:
-        base, _ = run(name, params, target, eps=eps, proportional=proportional)
-        moved, _ = run(name, params, target, scale=1 + 1e-7, eps=eps, proportional=proportional)
+        base, moved = run(name, params, target, (1.0, 1 + 1e-7), eps=eps,
+                          proportional=proportional)
         moved_by[eps, proportional] = max_diff(base, moved)
         print(f"{name} eps={eps} proportional={proportional}: one ulp moves the parameters by "
               f"{moved_by[eps, proportional]:.2e}")
