@@ -43,13 +43,14 @@ def _rank(item) -> int:
     return len(LONGEST_FIRST)
 
 
-# Modules whose checks of one recipe share compiled steps (functools.cache per process).
+# Modules whose checks of one recipe share compiled steps (functools.cache per process; the
+# float32 step of tests/recipe_steps.py is shared by both).
 GROUPED = ("test_conventions.py", "test_bad_input.py")
 
 
 def work_unit(nodeid: str) -> str:
     """The unit of work a test belongs to under ``--dist loadgroup``: the checks of one recipe
-    in a GROUPED module form one unit (one worker, one compilation of its steps); every other
+    in the GROUPED modules form one unit (one worker, one compilation of its steps); every other
     test is a unit of its own.
 
     Derived from the node id alone, on the controller: xdist's own ``xdist_group`` marks reach
@@ -58,7 +59,7 @@ def work_unit(nodeid: str) -> str:
     """
     path, _, test = nodeid.partition("::")
     if path.endswith(GROUPED) and test.endswith("]") and "[" in test:
-        return f"{path}[{test[test.index('[') + 1:-1]}]"
+        return f"recipe[{test[test.index('[') + 1:-1]}]"
     return nodeid
 
 

@@ -3,7 +3,8 @@
 One parameter tree holds the awkward leaves (zero-size, 1x1, 1xN, Nx1, 3-D, 4-D, a larger matrix
 next to the small transformer tree) and one jitted step (under ``optax.apply_if_finite``) runs a
 fixed sequence of gradients through it: regular, zero, one non-finite entry, regular, 1e20-scale,
-regular. Each check reads the recorded run, so every recipe compiles once per dtype.
+regular. Each check reads the recorded run; the step is the one the convention checks run
+(tests/recipe_steps.py), so every recipe compiles once per dtype.
 
 Defined behaviour:
 - zero-size leaves get zero-size updates and a state whose structure, shapes and dtypes do not
@@ -26,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import quadratic_loss, quadratic_target, small_params, strict_xfail
-from registry import RECIPES, Entry
+from helpers import quadratic_target, small_params, strict_xfail
+from recipe_steps import BY_NAME, extra_args, float32_step, grads_at, odd_params
+from registry import RECIPES
 
 IDS = [e.name for e in RECIPES]
-BY_NAME = {e.name: e for e in RECIPES}
 
 EMPTY = ("empty_in", "empty_out", "empty_stack", "empty_bias")
 # steps of the recorded run: which gradient is fed
@@ -48,26 +49,6 @@ FLOAT16_NAN = {
 }
 
 
-def odd_params(dtype=jnp.float32):
-    """The small transformer tree plus zero-size, tiny, 3-D, 4-D and larger leaves."""
-    p = small_params(dtype)
-    k = jax.random.split(jax.random.PRNGKey(7), 6)
-    n = lambda key, shape: (0.1 * jax.random.normal(key, shape)).astype(dtype)  # noqa: E731
-    p["blocks"].update(
-        empty_in={"kernel": jnp.zeros((0, 8), dtype)},
-        empty_out={"kernel": jnp.zeros((8, 0), dtype)},
-        empty_stack={"kernel": jnp.zeros((2, 0, 8), dtype)},
-        empty_bias={"bias": jnp.zeros((0,), dtype)},
-        one={"kernel": n(k[0], (1, 1))},
-        row={"kernel": n(k[1], (1, 8))},
-        col={"kernel": n(k[2], (8, 1))},
-        heads={"kernel": n(k[3], (2, 4, 8))},
-        conv={"kernel": n(k[4], (3, 3, 4, 8))},
-        wide={"kernel": n(k[5], (48, 64))},
-    )
-    return p
-
-
 def _gradient(kind, g):
     if kind == "zero":
         return jax.tree.map(jnp.zeros_like, g)
@@ -78,27 +59,19 @@ def _gradient(kind, g):
     return g
 
 
-def _extra(entry: Entry, t, params, grads):
-    return entry.extra_args(t, params, grads) if entry.extra_args else {}
-
-
 @functools.cache
 def recorded(name: str):
     """(init state, [(updates, state) per step of SCHEDULE]) of the recipe on ``odd_params``."""
     entry = BY_NAME[name]
-    params = odd_params()
-    target = quadratic_target(params)
-    tx = optax.apply_if_finite(entry.factory(**entry.kwargs), max_consecutive_errors=10)
-    step = jax.jit(lambda g, s, p, extra: tx.update(g, s, p, **extra))
+    tx, params, target, step = float32_step(name)
     state0 = state = jax.jit(tx.init)(params)
     for _ in range(entry.noop_calls):  # calls that only build state (SOAP, 1-bit Adam)
-        g = jax.grad(quadratic_loss)(params, target)
-        _, state = step(g, state, params, _extra(entry, 0, params, g))
+        g = grads_at(params, target)
+        _, state, _ = step(params, state, g, extra_args(entry, 0, params, g))
     out = []
     for t, kind in enumerate(SCHEDULE):
-        g = _gradient(kind, jax.grad(quadratic_loss)(params, target))
-        updates, state = step(g, state, params, _extra(entry, t, params, g))
-        params = optax.apply_updates(params, updates)
+        g = _gradient(kind, grads_at(params, target))
+        params, state, updates = step(params, state, g, extra_args(entry, t, params, g))
         out.append((updates, state))
     return state0, out
 
@@ -167,8 +140,8 @@ def test_float16_params_give_finite_float16_updates(name):
     try:
         state = tx.init(params)
         for t in range(2 + entry.noop_calls):
-            g = jax.grad(quadratic_loss)(params, target)
-            updates, state = step(g, state, params, _extra(entry, t, params, g))
+            g = grads_at(params, target)
+            updates, state = step(g, state, params, extra_args(entry, t, params, g))
             params = optax.apply_updates(params, updates)
     except ValueError as e:  # the alternative to working: an error naming the leaf
         assert "parameter [" in str(e) and "float16" in str(e)
@@ -186,7 +159,7 @@ def _transposed_update(name):
     grads = jax.tree.map(jnp.ones_like, params)
     grads["blocks"]["attn"]["kernel"] = jnp.ones((16, 8))  # the (8, 16) parameter, transposed
     state = jax.eval_shape(tx.init, params)
-    extra = _extra(entry, 0, params, jax.tree.map(jnp.ones_like, params))
+    extra = extra_args(entry, 0, params, jax.tree.map(jnp.ones_like, params))
     for _ in range(1 + entry.noop_calls):
         _, state = jax.eval_shape(lambda g, s, p: tx.update(g, s, p, **extra), grads, state, params)
 
