@@ -264,6 +264,7 @@ def make_train_step(
     ``bad`` (int32 scalar, -1 while all is finite) becomes ``step + 1`` at the first step whose
     loss, new parameters or new optimizer state hold a non-finite value, and stays there: the
     loop reads it only when it logs or saves, so checking costs no host sync per step.
+    ``spike_dir``: the unit direction of the ``--spike-step`` spike (None without one).
     ``shardings``: ``(params, other, opt_state)`` shardings to keep the outputs on (on a mesh),
     so every step sees the layout the step was compiled for.
     """
@@ -435,11 +436,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lambda x: x if on_mesh(x) else jax.device_put(x, replicated), opt_state
         )
 
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), len(leaves))
-    noise = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    spike_dir = treedef.unflatten(noise)
-    spike_dir = jax.tree.map(lambda d: d / optax.tree.norm(spike_dir), spike_dir)
+    spike_dir = None  # the unit random direction of an injected spike (--spike-step)
+    if cfg.spike_step >= 0:
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), len(leaves))
+        noise = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
+                                   for k, x in zip(keys, leaves)])
+        norm = optax.tree.norm(noise)
+        spike_dir = jax.tree.map(lambda d: d / norm, noise)
 
     ckpt_dir = (out / "ckpt").absolute()
     start, resume_step = 0, None
