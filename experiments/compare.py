@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -148,6 +149,13 @@ def run_one(cfg: CompareConfig, optimizer: str, lr: float) -> dict[str, Any]:
     }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _model_grads(graphdef, params, other, x):
+    """The gradients whose updates :func:`update_time` times (compiled once per model and
+    batch shape, shared by every optimizer of a comparison)."""
+    return jax.grad(lambda p: models.loss_fn(graphdef, p, other, x, x)[0])(params)
+
+
 def update_time(cfg: CompareConfig, optimizer: str, lr: float) -> float:
     """Mean seconds of one jitted optimizer update on the comparison's model (this machine).
 
@@ -163,7 +171,7 @@ def update_time(cfg: CompareConfig, optimizer: str, lr: float) -> float:
     seq_len = min(cfg.seq_len, model_cfg.block_size)
     rng = np.random.default_rng(cfg.seed)
     x = rng.integers(0, model_cfg.vocab_size, (cfg.batch_size, seq_len)).astype(np.int32)
-    grads = jax.grad(lambda p: models.loss_fn(graphdef, p, other, x, x)[0])(params)
+    grads = _model_grads(graphdef, params, other, x)
 
     @jax.jit
     def update(grads, opt_state, params):
