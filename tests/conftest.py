@@ -28,10 +28,8 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "optax_ext
 # first: pytest-xdist hands out work in collection order, so starting them first keeps both
 # workers busy to the end instead of leaving one of them running a long check alone.
 LONGEST_FIRST = (
-    "check_recipes.py",
-    "check_foreign.py",
-    "check_state_layout.py",
-    "check_sharding.py",  # with the other short multi-device checks (tests/test_distributed.py)
+    "check_recipes.py",  # with check_state_layout.py (tests/test_distributed.py)
+    "check_foreign.py",  # with the other multi-device checks
     "test_multihost.py",
 )
 

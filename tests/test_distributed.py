@@ -9,10 +9,10 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 CHECKS = sorted(p.name for p in (HERE / "multidevice").glob("check_*.py"))
-# The three longest checks run in a process each (so both xdist workers share them); the
-# shorter ones share one process, which saves their start-up (imports, collection: ~4 s each).
-ALONE = ["check_recipes.py", "check_foreign.py", "check_state_layout.py"]
-GROUPS = [[c] for c in ALONE if c in CHECKS] + [[c for c in CHECKS if c not in ALONE]]
+# Two processes of about equal length, one per xdist worker; each process start (imports,
+# collection) costs ~5 s, so the checks share them: the two longest checks lead one each.
+FIRST = ["check_recipes.py", "check_state_layout.py"]
+GROUPS = [[c for c in FIRST if c in CHECKS], [c for c in CHECKS if c not in FIRST]]
 
 
 @pytest.mark.parametrize("checks", GROUPS, ids="+".join)

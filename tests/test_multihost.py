@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # per launch; an unloaded 2-core machine needs a small fraction of this
 FLAGS = ["--optimizer", "adamw", "--steps", "4", "--batch-size", "8", "--seq-len", "16",
@@ -67,7 +69,8 @@ def _losses(out) -> list[float]:
 
 
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
-    (one,) = _launch([[*FLAGS, "--out", str(tmp_path / "one")]], devices=1)
+    # the reference: the same run on one device, in this process
+    one = train.train(train.parse_args([*FLAGS, "--out", str(tmp_path / "one")]))
     _hosts(tmp_path / "two", "--stop-after", "2")  # both processes write checkpoint 2
     assert sorted(p.name for p in (tmp_path / "two" / "ckpt").iterdir()) == [
         "2", "2.manifest.json"]
@@ -82,5 +85,4 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     # 1e-5 relative is ~100 ulps of a loss near 5, far below any real difference (one step
     # moves it ~1e-2). This is also the check that a --mesh run trains like one device.
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
-    assert summaries[0]["final_val_loss"] == pytest.approx(json.loads(one[one.index("{"):])[
-        "final_val_loss"], rel=1e-5)
+    assert summaries[0]["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-5)
