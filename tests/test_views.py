@@ -5,6 +5,8 @@ singular values in its true fan-in x fan-out view, for every orthogonalizing rec
 ``tests/registry.py``; every matrix recipe must take its views from the one rule.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -48,10 +50,12 @@ class ConvNet(nn.Module):
         return nn.Dense(10, name="classifier")(x.mean(axis=(1, 2)))
 
 
+@functools.cache  # initialised once per process, on first use (not at collection)
 def lm_params():
     return LM().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
 
 
+@functools.cache
 def conv_params():
     return ConvNet().init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))["params"]
 
@@ -92,8 +96,9 @@ def test_labels_of_foreign_models():
     assert clab["Conv_0"]["kernel"] == "hidden" and clab["classifier"]["kernel"] == "head"
 
 
-@pytest.mark.parametrize("params", [lm_params(), conv_params()], ids=["lm", "conv"])
-def test_default_views_are_the_true_views(params):
+@pytest.mark.parametrize("model", ["lm", "conv"])
+def test_default_views_are_the_true_views(model):
+    params = lm_params() if model == "lm" else conv_params()
     for path, x in hidden_leaves(params):
         expected = true_view(key(path), x.shape)
         assert labels.matrix_view(path, x) == expected, key(path)
