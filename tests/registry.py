@@ -218,8 +218,12 @@ RECIPES: list[Entry] = [
 # Variants whose kernels and layouts another entry already runs: Newton-Schulz coefficients only
 # (Muon); SVD bases (GaLore, Fira); below the 8-bit size threshold on the test trees, so plain
 # Adam/Lion (the min_size=0 entries quantize); an elementwise Lion; AdamP's projection with SGD
-# momentum. The sharded multi-device checks leave them out (CI time); every single-device check
-# runs them.
+# momentum; and the primitive chains that a recipe is built of, primitive for primitive (Muon:
+# momentum, orthogonalize, scale_by_shape; GaLore: project_low_rank of Adam with SVD bases;
+# SPAM: momentum_reset of clip_spikes of Adam). The sharded multi-device checks leave them out
+# (CI time); every single-device check runs them.
 KERNEL_COVERED = frozenset(
-    {"muon:polar_express", "apollo:svd", "adamw_8bit", "lion_8bit", "lion_k:huber", "sgdp"}
+    {"muon:polar_express", "apollo:svd", "adamw_8bit", "lion_8bit", "lion_k:huber", "sgdp",
+     "chain:momentum+orthogonalize+scale_by_shape", "chain:project_low_rank(svd)",
+     "chain:momentum_reset+clip_spikes"}
 )

@@ -5,9 +5,9 @@ schedule + MultiSteps chain), whose in/out shardings come from the metadata
 learns, the params keep their boxes and every leaf the layout its metadata gives.
 
 The model's gradient step is compiled once (its shardings are the params'); each recipe compiles
-only its own init and update, so every recipe fits in CI time; the variants whose kernels another
-entry runs (registry.KERNEL_COVERED) are left out. (tests/foreign/ checks the metadata of every
-recipe's state on the single-device models.)"""
+only its own init and update, so every recipe fits in CI time; the variants and primitive chains
+whose kernels another entry runs (registry.KERNEL_COVERED) are left out. (tests/foreign/ checks
+the metadata of every recipe's state on the single-device models.)"""
 
 import dataclasses
 import functools
