@@ -8,17 +8,16 @@ STAMP  := $(VENV)/.installed
 
 # The packages are installed by uv (from the package index, like pip; it downloads and installs
 # in parallel: set-up takes about a third of pip's time), byte-compiled up front as pip does.
-# Where uv cannot be installed, pip does the same install.
+# Where uv cannot be installed or cannot install (e.g. an index only pip is configured for),
+# pip does the same install.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv || echo "uv unavailable: installing with pip"
 
 $(STAMP): pyproject.toml | $(PY)
-	if $(PY) -m uv --version >/dev/null 2>&1; then \
-	  $(PY) -m uv pip install -q --python $(PY) --compile-bytecode -e ".[test,experiments]"; \
-	else \
-	  $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e ".[test,experiments]"; \
-	fi
+	$(PY) -m uv pip install -q --python $(PY) --compile-bytecode -e ".[test,experiments]" \
+	  || { echo "installing with pip"; $(PY) -m pip install -q --upgrade pip \
+	       && $(PY) -m pip install -q -e ".[test,experiments]"; }
 	touch $(STAMP)
 
 setup: $(STAMP)
