@@ -67,10 +67,8 @@ def float32_step(name: str):
     updates)``."""
     entry = BY_NAME[name]
     params = odd_params()
-    tx = optax.apply_if_finite(
-        optax.with_extra_args_support(entry.factory(**entry.kwargs)),
-        max_consecutive_errors=MAX_CONSECUTIVE_ERRORS,
-    )
+    # apply_if_finite passes extra arguments on (it wraps its inner with_extra_args_support)
+    tx = optax.apply_if_finite(entry.factory(**entry.kwargs), MAX_CONSECUTIVE_ERRORS)
 
     @jax.jit
     def step(params, state, grads, extra):
