@@ -102,11 +102,10 @@ _JIT_Q = jax.jit(quantize_blockwise, static_argnames=("block_size", "sign_fix"))
 _JIT_DQ = jax.jit(dequantize_blockwise, static_argnames=("block_size",))
 
 
-def _round_trip(x, bs, signed, jit):
+def _round_trip(x, bs, signed):
     code = dynamic_map(signed)
-    quant, dequant = (_JIT_Q, _JIT_DQ) if jit else (quantize_blockwise, dequantize_blockwise)
-    q = lambda v, fix: quant(v, code, block_size=bs, sign_fix=fix)  # noqa: E731
-    dq = lambda c, a: dequant(c, a, code, block_size=bs)  # noqa: E731
+    q = lambda v, fix: _JIT_Q(v, code, block_size=bs, sign_fix=fix)  # noqa: E731
+    dq = lambda c, a: _JIT_DQ(c, a, code, block_size=bs)  # noqa: E731
     with jax.numpy_dtype_promotion("strict"):
         codes, absmax = q(jnp.asarray(x), False)
         deq = np.asarray(dq(codes, absmax), np.float64)
@@ -123,14 +122,15 @@ def _round_trip(x, bs, signed, jit):
     )
 
 
-@pytest.mark.parametrize("jit", [False, True])
+# Jitted: eagerly, every example's new size would compile each of the kernel's ops again; the
+# eager path is checked bit for bit against the reference by the golden test above.
 @settings(max_examples=8)  # each example quantizes 3 ways and dequantizes 3 times
 @given(case=heavy_tailed())
-def test_round_trip_error_within_half_the_local_gap_and_sign_fix(case, jit):
+def test_round_trip_error_within_half_the_local_gap_and_sign_fix(case):
     x, bs = case
     for signed in (True, False):
         x = x if signed else np.abs(x)
-        c64, codes, absmax, deq, fixed, deq_fixed = _round_trip(x, bs, signed, jit)
+        c64, codes, absmax, deq, fixed, deq_fixed = _round_trip(x, bs, signed)
         for b in range(absmax.shape[0]):  # one absmax per block
             assert float(absmax[b]) == float(np.abs(x[b * bs : (b + 1) * bs]).max())
         a = np.repeat(absmax.astype(np.float64), bs)[: x.size]
@@ -180,18 +180,18 @@ def test_non_finite_entries_and_zero_blocks():
 def test_shapes_dtypes_and_errors():
     code = dynamic_map(True)
     x = jnp.arange(-12.0, 12.0).reshape(2, 3, 4).astype(jnp.bfloat16)
-    codes, absmax = quantize_blockwise(x, code, block_size=5)
+    codes, absmax = _JIT_Q(x, code, block_size=5)
     assert codes.shape == (2, 3, 4) and codes.dtype == jnp.uint8 and absmax.shape == (5,)
-    deq = dequantize_blockwise(codes, absmax, code, block_size=5)
+    deq = _JIT_DQ(codes, absmax, code, block_size=5)
     assert deq.shape == (2, 3, 4) and deq.dtype == jnp.float32
     np.testing.assert_allclose(deq, x.astype(jnp.float32), rtol=0.02, atol=1e-6)
-    codes, absmax = quantize_blockwise(jnp.float32(-3.0), code)  # 0-d
+    codes, absmax = _JIT_Q(jnp.float32(-3.0), code)  # 0-d
     assert codes.shape == () and absmax.tolist() == [3.0]
-    codes, absmax = quantize_blockwise(jnp.zeros((0, 4)), code)
+    codes, absmax = _JIT_Q(jnp.zeros((0, 4)), code)
     assert codes.shape == (0, 4) and absmax.shape == (0,)
     with pytest.raises(ValueError, match="absmax"):
-        dequantize_blockwise(jnp.zeros(10, jnp.uint8), jnp.ones(2), code, block_size=4)
+        _JIT_DQ(jnp.zeros(10, jnp.uint8), jnp.ones(2), code, block_size=4)
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(jnp.ones(3), jnp.linspace(-1, 1, 257))
+        _JIT_Q(jnp.ones(3), jnp.linspace(-1, 1, 257))
     with pytest.raises(ValueError, match="block_size"):
-        quantize_blockwise(jnp.ones(3), code, block_size=0)
+        _JIT_Q(jnp.ones(3), code, block_size=0)
