@@ -60,6 +60,17 @@ def extra_args(entry: Entry, step, params, grads):
 grads_at = jax.jit(jax.grad(quadratic_loss))
 
 
+def jitted_step(tx: optax.GradientTransformationExtraArgs):
+    """``tx``'s jitted ``step(params, state, grads, extra) -> (params, state, updates)``."""
+
+    @jax.jit
+    def step(params, state, grads, extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, updates
+
+    return step
+
+
 @functools.cache
 def float32_step(name: str):
     """``(tx, params, target, step)``: the recipe under ``optax.apply_if_finite`` on
@@ -69,10 +80,4 @@ def float32_step(name: str):
     params = odd_params()
     # apply_if_finite passes extra arguments on (it wraps its inner with_extra_args_support)
     tx = optax.apply_if_finite(entry.factory(**entry.kwargs), MAX_CONSECUTIVE_ERRORS)
-
-    @jax.jit
-    def step(params, state, grads, extra):
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state, updates
-
-    return tx, params, quadratic_target(params), step
+    return tx, params, quadratic_target(params), jitted_step(tx)

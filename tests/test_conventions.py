@@ -17,7 +17,14 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from helpers import quadratic_loss, quadratic_target, small_params
-from recipe_steps import BY_NAME, extra_args, float32_step, grads_at, regular_part
+from recipe_steps import (
+    BY_NAME,
+    extra_args,
+    float32_step,
+    grads_at,
+    jitted_step,
+    regular_part,
+)
 from registry import RECIPES
 
 IDS = [e.name for e in RECIPES]
@@ -35,13 +42,7 @@ def _compiled(name: str, dtype: str):
     params = small_params(jnp.dtype(dtype))
     target = quadratic_target(params)
     tx = optax.with_extra_args_support(entry.factory(**entry.kwargs))
-
-    @jax.jit
-    def step(params, state, grads, extra):
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state, updates
-
-    return tx, params, target, step
+    return tx, params, target, jitted_step(tx)
 
 
 def run_steps(name, n, dtype="float32", zero=False):
